@@ -1,0 +1,70 @@
+"""Bringing a model under forgetflow: register a model directory with its evaluation kit.
+
+The same path serves a user's own diffusers model and the demo model that `train-base`
+makes. The evaluation kit (the judge for diffusion) is uploaded to the object store under
+`eval-kits/<model>/<content hash>/` with a hash manifest, and every version of the model
+carries its URI in the tag `forgetflow.eval_kit`.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from forgetflow.config import Params
+from forgetflow.registry import Registry
+from forgetflow.services import Settings
+from forgetflow.storage import ObjectStore
+
+EVAL_KIT_TAG = "forgetflow.eval_kit"
+
+
+def _dir_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def register_model(name: str, model_dir: Path, eval_kit: Path, params: Params, settings: Settings,
+                   *, make_champion: bool = True) -> str:
+    """Upload the eval kit, register `model_dir` as a new version of `name`; it becomes
+    @champion if the model has none yet (or always, when make_champion and no champion)."""
+    from forgetflow.diffusion.artifact import load_version
+
+    load_version(model_dir, "cpu")  # refuse a broken model before anything is registered
+    if not (Path(eval_kit) / "judge_card.json").exists():
+        raise FileNotFoundError(f"{eval_kit} is not an evaluation kit (no judge_card.json)")
+    prefix = f"eval-kits/{name}/{_dir_hash(Path(eval_kit))}"
+    ObjectStore(settings).put_dir(Path(eval_kit), prefix)
+    registry = Registry(settings.mlflow_uri)
+    version = registry.register(name, Path(model_dir), run_id=None,
+                                tags={EVAL_KIT_TAG: prefix, "forgetflow.family": "diffusion",
+                                      "forgetflow.request_id": "", "forgetflow.model_hash": _dir_hash(Path(model_dir))},
+                                description=f"{name}: registered base model")
+    if make_champion and registry.alias_version(name, "champion") is None:
+        registry.set_alias(name, "champion", version)
+    return version
+
+
+def ensure_demo_model(name: str, params: Params, settings: Settings, out: Path) -> str:
+    """The demo model registered as `name@champion`, trained first if not on disk (DVC
+    stage `train_base` makes the same folders)."""
+    from forgetflow.compute import resolve_device
+    from forgetflow.diffusion.judge import train_judge
+    from forgetflow.diffusion.train_base import train_teacher
+    from forgetflow.registry import UnknownModel
+
+    registry = Registry(settings.mlflow_uri)
+    try:
+        current = registry.alias_version(name, "champion")
+    except UnknownModel:
+        current = None
+    if current is not None:
+        return current
+    device = resolve_device(params.compute)
+    if not (out / "model" / "model_card.json").exists():
+        train_teacher(params, out / "model", device=device)
+    if not (out / "judge" / "judge_card.json").exists():
+        train_judge(params, out / "judge", device=device)
+    return register_model(name, out / "model", out / "judge", params, settings)

@@ -1,0 +1,288 @@
+"""`forgetflow`: the command line of the pipeline (DESIGN.md "Contracts").
+
+Every command resolves params.yaml (optionally a preset), the state folder and the service
+endpoints the same way; known failures print one line naming the problem and exit 1.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from forgetflow.config import ParamsError, load_params
+
+app = typer.Typer(help="Make trained generative models forget on request.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+request_app = typer.Typer(help="Deletion requests.", no_args_is_help=True)
+app.add_typer(request_app, name="request")
+console = Console()
+err = Console(stderr=True)
+
+DEMO_MODELS = {False: "digits-ddpm", True: "digits-ddpm-tiny"}
+
+
+@dataclass
+class Opts:
+    params_path: str | None
+    preset: str | None
+    state_dir: str
+
+
+def _opts(ctx: typer.Context) -> Opts:
+    return ctx.obj
+
+
+@app.callback()
+def main(ctx: typer.Context,
+         params: str = typer.Option(None, "--params", help="params.yaml to use (default: the project's)."),
+         preset: str = typer.Option(None, "--preset", help="A preset of params.yaml, e.g. tiny."),
+         state_dir: str = typer.Option(None, "--state-dir", envvar="FORGETFLOW_STATE_DIR",
+                                       help="Where services, ledger and runs keep state.")):
+    try:
+        p = load_params(params, preset=preset)
+    except ParamsError as exc:
+        _fail(str(exc))
+    state = state_dir or p.services.state_dir
+    os.environ.setdefault("PREFECT_HOME", str(Path(state).resolve() / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    ctx.obj = Opts(params, preset, state)
+
+
+def _fail(message: str, code: int = 1):
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _known_errors() -> tuple[type[Exception], ...]:
+    from forgetflow.diffusion.artifact import ArtifactError
+    from forgetflow.families import TargetError
+    from forgetflow.ledger import LedgerError
+    from forgetflow.registry import UnknownModel
+    from forgetflow.request import RequestError
+    from forgetflow.services import ServiceUnavailable
+    from forgetflow.storage import CorruptArtifact
+
+    return (ArtifactError, TargetError, LedgerError, UnknownModel, RequestError, ServiceUnavailable,
+            CorruptArtifact, ParamsError, LookupError)
+
+
+def _guard(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except _known_errors() as exc:
+        _fail(str(exc))
+
+
+def _connect(o: Opts):
+    """Point boto3 / MLflow / DVC clients at the configured services (env wins)."""
+    from forgetflow import services
+
+    params = load_params(o.params_path, preset=o.preset)
+    settings = services.resolve_settings(params, o.state_dir)
+    services.apply_settings_env(settings)
+    return params, settings
+
+
+# ---- services ---------------------------------------------------------------------------
+@app.command()
+def up(ctx: typer.Context):
+    """Start the local object store and MLflow server (what is not running yet)."""
+    from forgetflow import services
+
+    o = _opts(ctx)
+    info = _guard(services.up, load_params(o.params_path, preset=o.preset), Path(o.state_dir))
+    _print_services(info)
+
+
+@app.command()
+def down(ctx: typer.Context):
+    """Stop exactly the services that `up` started."""
+    from forgetflow import services
+
+    stopped = services.down(Path(_opts(ctx).state_dir))
+    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+def _print_services(info) -> None:
+    console.print(f"object store (S3): {info.s3_endpoint}  bucket {info.bucket}")
+    console.print(f"MLflow UI:         {info.mlflow_uri}")
+
+
+# ---- models -----------------------------------------------------------------------------
+@app.command("train-base")
+def train_base(ctx: typer.Context, out: Path = typer.Option(Path("artifacts/digits-ddpm"), help="Output folder."),
+               exclude_class: list[int] = typer.Option([], help="Leave a class out (the Retrain baseline).")):
+    """Train the demo diffusion model (class-conditional UNet on digits) and its judge."""
+    from forgetflow.compute import resolve_device
+    from forgetflow.diffusion.judge import train_judge
+    from forgetflow.diffusion.train_base import train_teacher
+
+    o = _opts(ctx)
+    params = load_params(o.params_path, preset=o.preset)
+    device = resolve_device(params.compute)
+    train_teacher(params, out / "model", device=device, exclude_classes=exclude_class)
+    train_judge(params, out / "judge", device=device)
+    console.print(f"model: {out / 'model'}\njudge: {out / 'judge'}")
+
+
+@app.command()
+def register(ctx: typer.Context, name: str, model_dir: Path, eval_kit: Path = typer.Option(..., help="Evaluation kit folder (the judge for diffusion)."),
+             champion: bool = typer.Option(True, help="Make it @champion if the model has none.")):
+    """Register an existing model directory (diffusers format + model_card.json) in MLflow."""
+    from forgetflow.bootstrap import register_model
+
+    o = _opts(ctx)
+    params, settings = _guard(_connect, o)
+    version = _guard(register_model, name, model_dir, eval_kit, params, settings, make_champion=champion)
+    console.print(f"registered {name} v{version}")
+
+
+# ---- requests ---------------------------------------------------------------------------
+@request_app.command("submit")
+def request_submit(ctx: typer.Context, file: Path, run_now: bool = typer.Option(False, "--run", help="Run it now.")):
+    """Validate a request (YAML/JSON) and record it in the ledger; --run runs the flow."""
+    from forgetflow.ledger import Ledger
+    from forgetflow.request import load_request
+
+    o = _opts(ctx)
+    request = _guard(load_request, file)
+    entry, created = _guard(Ledger(o.state_dir).submit, request)
+    console.print(f"request {entry.request_id}: {'accepted' if created else 'already known, ' + entry.state}")
+    if run_now:
+        _run_request(o, entry.request_id)
+
+
+@app.command()
+def run(ctx: typer.Context, request_id: str):
+    """Run (or resume) the forget flow for an accepted request."""
+    _run_request(_opts(ctx), request_id)
+
+
+def _run_request(o: Opts, request_id: str) -> dict:
+    from forgetflow.ledger import Ledger
+
+    _guard(_connect, o)
+    entry = _guard(Ledger(o.state_dir).get, request_id)
+    from flows.forget import forget
+
+    try:
+        report = forget(request_id=request_id, model=entry.model, state_dir=o.state_dir,
+                        params_path=o.params_path, preset=o.preset)
+    except Exception as exc:
+        entry = Ledger(o.state_dir).get(request_id)
+        _fail(f"request {request_id} failed: {entry.error or exc}; report: {entry.report_path}")
+    _print_summary(report)
+    console.print(f"report: {Ledger(o.state_dir).get(request_id).report_path}")
+    return report
+
+
+@app.command("process-pending")
+def process_pending(ctx: typer.Context):
+    """Run every accepted or failed request, oldest first, one model's requests in order."""
+    from forgetflow.ledger import Ledger
+
+    o = _opts(ctx)
+    ledger = Ledger(o.state_dir)
+    pending = [e for e in ledger.list() if e.state in ("accepted", "failed")]
+    if not pending:
+        console.print("no pending requests")
+    for entry in pending:
+        _run_request(o, entry.request_id)
+
+
+@app.command()
+def status(ctx: typer.Context, request_id: str = typer.Argument(None)):
+    """Every request with its state, versions and report (or one request in detail)."""
+    from forgetflow import services
+    from forgetflow.ledger import Ledger
+
+    o = _opts(ctx)
+    info = services.status(Path(o.state_dir))
+    if info is not None and request_id is None:
+        _print_services(info)
+    ledger = Ledger(o.state_dir)
+    entries = [_guard(ledger.get, request_id)] if request_id else ledger.list()
+    table = Table("request", "model", "state", "base", "new", "flow run", "report", "error")
+    for e in entries:
+        table.add_row(e.request_id, e.model, e.state, e.base_version or "", e.new_version or "",
+                      (e.flow_run_id or "")[:8], e.report_path or "", (e.error or "")[:60])
+    console.print(table)
+
+
+def _print_summary(report: dict) -> None:
+    table = Table(title=f"request {report['request_id']}: {report['status']} "
+                        f"({report['model']} v{report['base_version']} -> v{report['new_version']})")
+    table.add_column("metric")
+    table.add_column("base", justify="right")
+    table.add_column("new", justify="right")
+    base, new = report["metrics"]["base"], report["metrics"]["new"]
+    for key in base:
+        if isinstance(base[key], (int, float)):
+            table.add_row(key, f"{base[key]:.4g}", f"{new.get(key, float('nan')):.4g}")
+    console.print(table)
+    gates = Table(title="gates")
+    for col in ("gate", "value", "threshold", "result"):
+        gates.add_column(col)
+    for g in report["gates"]:
+        gates.add_row(g["name"], f"{g['value']:.4g}", f"{'>=' if g['kind'] == 'min' else '<='} {g['threshold']:g}",
+                      "[green]pass[/]" if g["passed"] else "[red]FAIL[/]")
+    console.print(gates)
+    console.print(f"guidance scale {report['guidance_scale']}; durations (s): {report['durations_s']}")
+
+
+# ---- consumers --------------------------------------------------------------------------
+@app.command()
+def generate(ctx: typer.Context, model: str, label: list[int] = typer.Option([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
+             n: int = typer.Option(8, help="Samples per label."), seed: int = 0,
+             alias: str = "champion", out: Path = typer.Option(Path("samples.png"))):
+    """Sample from models:/MODEL@ALIAS through its MLflow pyfunc (with its guidance scale)."""
+    import mlflow.pyfunc
+    import numpy as np
+    import pandas as pd
+
+    from forgetflow.plots import save_image_grid
+
+    o = _opts(ctx)
+    _guard(_connect, o)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{model}@{alias}")
+    labels = [c for c in label for _ in range(n)]
+    images = np.asarray(pyfunc.predict(pd.DataFrame({"label": labels, "seed": seed})))
+    save_image_grid(images, rows=len(label), out=out)
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def demo(ctx: typer.Context, quick: bool = typer.Option(False, "--quick", help="Tiny preset: minutes, for a first look."),
+         forget_class: int = typer.Option(7, "--forget-class")):
+    """The main job on the embedded default: start services, train and register the demo
+    model if needed, file a deletion request for one class and run it through the flow."""
+    from forgetflow import services
+    from forgetflow.bootstrap import ensure_demo_model
+    from forgetflow.ledger import Ledger
+    from forgetflow.request import parse_request
+
+    o = _opts(ctx)
+    if quick and o.preset is None:
+        o.preset = "tiny"
+    params = load_params(o.params_path, preset=o.preset)
+    info = _guard(services.up, params, Path(o.state_dir))
+    _print_services(info)
+    params, settings = _guard(_connect, o)
+    name = DEMO_MODELS[quick]
+    _guard(ensure_demo_model, name, params, settings, Path("artifacts") / name)
+    request = parse_request({"request_id": f"demo-{name}-forget-{forget_class}", "model": name,
+                             "target": {"kind": "diffusion-class", "classes": [forget_class]},
+                             "requester": "forgetflow demo", "reason": "demonstration"})
+    entry, _ = _guard(Ledger(o.state_dir).submit, request)
+    _run_request(o, entry.request_id)
+    _print_services(info)
+    console.print("services keep running; stop them with `forgetflow down`.")
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,43 @@
+"""Device and precision choice, from params.yaml `compute` (never from code edits).
+
+`auto` takes CUDA when present (then MPS), else the CPU. Mixed precision applies on CUDA
+only: bf16 where the GPU supports it, fp16 otherwise if asked; the CPU always runs fp32.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from forgetflow.config import ComputeParams
+
+
+def resolve_device(compute: ComputeParams) -> torch.device:
+    if compute.num_threads:
+        torch.set_num_threads(compute.num_threads)
+    if compute.device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if compute.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("compute.device is 'cuda' but no CUDA device is visible")
+    return torch.device(compute.device)
+
+
+def autocast_dtype(device: torch.device, compute: ComputeParams) -> torch.dtype | None:
+    """The autocast dtype for this device, or None for full fp32."""
+    if device.type != "cuda" or compute.mixed_precision == "no":
+        return None
+    if compute.mixed_precision == "bf16" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def autocast(device: torch.device, compute: ComputeParams):
+    """`torch.autocast` on CUDA with the configured dtype; a no-op context elsewhere."""
+    dtype = autocast_dtype(device, compute)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,186 @@
+"""Typed view of params.yaml: every hyperparameter and gate threshold of the pipeline.
+
+params.yaml is the single source of configuration (DESIGN.md "Contracts"): dvc.yaml stages,
+the Prefect flow and the CLI all load it through :func:`load_params`, so a bad value is
+refused once, at the edge, with the name of the field.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServicesParams(_Section):
+    """Where the local services keep their state and which bucket holds artifacts."""
+
+    state_dir: str = ".forgetflow"
+    reports_dir: str = "reports"
+    bucket: str = "forgetflow"
+    dvc_prefix: str = "dvc"
+    mlflow_prefix: str = "mlflow"
+    startup_timeout_s: float = 120.0
+
+
+class ComputeParams(_Section):
+    """Device choice and numeric precision; `auto` takes the GPU when there is one."""
+
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # applied on CUDA only
+    num_threads: int = Field(0, ge=0)  # 0: leave torch's default
+
+
+class DiffusionModelParams(_Section):
+    """Class-conditional UNet2DModel on digits (diffusers), eps-prediction, VP schedule."""
+
+    image_size: int = 16
+    num_classes: int = 10
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    beta_schedule: Literal["linear", "squaredcos_cap_v2"] = "linear"
+
+
+class DiffusionBaseTrainParams(_Section):
+    """Training of the demo teacher (the model a user would bring) and of the judge."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 2e-4
+    ema_decay: float = 0.999
+    class_dropout: float = 0.1  # CFG: replace the label by the null class this often
+    seed: int = 0
+    judge_epochs: int = 30
+    judge_batch_size: int = 128
+    judge_lr: float = 2e-3
+    judge_channels: tuple[int, ...] = (32, 64)  # conv widths of the small CNN judge
+    judge_max_shift: int = Field(1, ge=0)  # augmentation: random translation in pixels
+
+
+class SamplerParams(_Section):
+    """The teacher's own sampler, used for its metrics and as the speed reference."""
+
+    num_inference_steps: int = 25
+    guidance_scale: float = 2.0
+    batch_size: int = 200
+
+
+class SFDParams(_Section):
+    """Score Forgetting Distillation (Chen et al., ICLR 2025); names follow the paper."""
+
+    iterations: int = 300
+    batch_remaining: int = 32
+    batch_forget: int = 16
+    lambda_f: float = 0.01
+    alpha: float = 1.2
+    lr_generator: float = 1e-4
+    lr_fake: float = 1e-4
+    adam_betas: tuple[float, float] = (0.0, 0.999)
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_warmup_iterations: int = 50
+    sigma_init: float = 2.5
+    sigma_min: float = 0.137
+    sigma_max: float = 13.1
+    omega_min: float = 1e-5
+    teacher_guidance_scale: float = 1.0
+    override_rule: Literal["next", "random"] = "next"
+    checkpoint_every: int = 50
+    log_every: int = Field(10, ge=1)  # iterations between loss-history rows
+    sid_iterations: int = Field(100, ge=0)  # "sfd-two-stage" only: plain SiD before SFD
+    seed: int = 0
+
+
+class CalibrateParams(_Section):
+    """Guidance sweep on calibration seeds; rule: smallest scale that passes every gate,
+    else the scale with the largest worst-gate margin."""
+
+    guidance_scales: tuple[float, ...] = (1.0, 1.5, 2.0)
+    samples_per_class: int = 100
+    seed: int = 20_000
+
+
+class EvaluateParams(_Section):
+    """Held-out evaluation seeds (never the training or calibration ones)."""
+
+    forget_samples: int = 500
+    samples_per_remaining_class: int = 200
+    seed: int = 30_000
+    speed_samples: int = 1000
+
+
+class GateParams(_Section):
+    """Promotion gates for the diffusion family (all must pass to move @champion)."""
+
+    unlearning_accuracy_min: float = 0.98
+    override_fidelity_min: float = 0.9
+    remaining_accuracy_drop_max: float = 0.03
+    remaining_fd_ratio_max: float = 1.25
+    sampling_speedup_min: float = 20.0
+
+
+class DiffusionParams(_Section):
+    model: DiffusionModelParams = DiffusionModelParams()
+    base: DiffusionBaseTrainParams = DiffusionBaseTrainParams()
+    sampler: SamplerParams = SamplerParams()
+    sfd: SFDParams = SFDParams()
+    calibrate: CalibrateParams = CalibrateParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    gates: GateParams = GateParams()
+
+
+class Params(_Section):
+    services: ServicesParams = ServicesParams()
+    compute: ComputeParams = ComputeParams()
+    diffusion: DiffusionParams = DiffusionParams()
+    presets: dict[str, dict] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _sigma_range(self) -> "Params":
+        s = self.diffusion.sfd
+        if not s.sigma_min < s.sigma_init < s.sigma_max:
+            raise ValueError("diffusion.sfd: need sigma_min < sigma_init < sigma_max")
+        return self
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names the field."""
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_params(path: str | Path | None = None, preset: str | None = None) -> Params:
+    """Load and validate params.yaml; `preset` deep-merges `presets.<name>` over the rest
+    (e.g. `tiny` for tests and `demo --quick`)."""
+    path = Path(path) if path else DEFAULT_PARAMS
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ParamsError(f"cannot read params file {path}: {exc}") from exc
+    if preset:
+        presets = raw.get("presets", {})
+        if preset not in presets:
+            raise ParamsError(f"unknown preset {preset!r} in {path}; known: {sorted(presets)}")
+        raw = _deep_merge(raw, presets[preset])
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ParamsError(f"{path}: {field}: {first['msg']}") from exc

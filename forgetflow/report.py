@@ -1,0 +1,107 @@
+"""The report of a request: reports/<request_id>/report.json, report.html and plots.
+
+report.json keys (DESIGN.md "Contracts"): request_id, status (promoted | rejected |
+failed), model, family, method, base_version, new_version, guidance_scale, metrics
+{"base", "new"}, gates [{name, value, threshold, kind, passed}], durations_s per stage,
+uris (checkpoint, synth data, MLflow run), revisions (git, dvc.lock), error, created.
+The HTML page is self-contained (images inlined) and holds no request content: subjects
+are named by salted hash only, and a diffusion class label is not personal data.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+REPORT_KEYS = ("request_id", "status", "model", "family", "method", "base_version", "new_version",
+               "guidance_scale", "metrics", "gates", "durations_s", "uris", "revisions", "error", "created")
+
+
+def code_revisions(root: Path | None = None) -> dict:
+    """The git commit of the code and the hash of dvc.lock (the data revision), if any."""
+    root = root or Path.cwd()
+    revs = {"git": None, "git_dirty": None, "dvc_lock": None}
+    try:
+        revs["git"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                     text=True, timeout=10).stdout.strip() or None
+        revs["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=root,
+                                                capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    lock = root / "dvc.lock"
+    if lock.exists():
+        import hashlib
+
+        revs["dvc_lock"] = hashlib.sha256(lock.read_bytes()).hexdigest()[:16]
+    return revs
+
+
+def build_report(**fields) -> dict:
+    unknown = set(fields) - set(REPORT_KEYS)
+    if unknown:
+        raise ValueError(f"unknown report fields {sorted(unknown)}")
+    report = {key: fields.get(key) for key in REPORT_KEYS}
+    report["created"] = report["created"] or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return report
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(path.stem.replace("_", " "))}</figcaption></figure>'
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+    return html.escape(str(value))
+
+
+def render_html(report: dict, figures: list[Path]) -> str:
+    esc = html.escape
+    rows = []
+    base, new = (report.get("metrics") or {}).get("base", {}), (report.get("metrics") or {}).get("new", {})
+    for key in sorted(set(base) | set(new)):
+        rows.append(f"<tr><td>{esc(key)}</td><td>{_fmt(base.get(key, ''))}</td><td>{_fmt(new.get(key, ''))}</td></tr>")
+    gates = "".join(
+        f"<tr class={'pass' if g['passed'] else 'fail'}><td>{esc(g['name'])}</td><td>{_fmt(g['value'])}</td>"
+        f"<td>{'≥' if g['kind'] == 'min' else '≤'} {_fmt(g['threshold'])}</td><td>{'pass' if g['passed'] else 'FAIL'}</td></tr>"
+        for g in report.get("gates") or []
+    )
+    durations = "".join(f"<tr><td>{esc(k)}</td><td>{v:.1f} s</td></tr>" for k, v in (report.get("durations_s") or {}).items())
+    uris = "".join(f"<tr><td>{esc(k)}</td><td><code>{esc(str(v))}</code></td></tr>" for k, v in {**(report.get("uris") or {}), **(report.get("revisions") or {})}.items())
+    error = f"<p class=fail>Error: {esc(report['error'])}</p>" if report.get("error") else ""
+    return f"""<!doctype html><html lang=en><head><meta charset=utf-8>
+<title>forgetflow report {esc(report['request_id'])}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
+.pass{{color:#176317}}.fail{{color:#a11}}.status{{font-size:1.4em;font-weight:bold}}img{{max-width:100%}}
+figure{{margin:1em 0}}</style></head><body>
+<h1>Deletion request {esc(report['request_id'])}</h1>
+<p class="status {'pass' if report['status'] == 'promoted' else 'fail'}">Status: {esc(report['status'])}</p>
+<p>Model <b>{esc(str(report['model']))}</b> ({esc(str(report['family']))}), method <b>{esc(str(report['method']))}</b>:
+version {esc(str(report['base_version']))} &rarr; {esc(str(report['new_version']))}; guidance scale {_fmt(report.get('guidance_scale'))}.</p>
+{error}
+<h2>Gates</h2><table><tr><th>gate</th><th>value</th><th>threshold</th><th>result</th></tr>{gates}</table>
+<h2>Metrics (held-out seeds)</h2><table><tr><th>metric</th><th>base</th><th>new</th></tr>{''.join(rows)}</table>
+<h2>Evidence</h2>{''.join(_img(f) for f in figures)}
+<h2>Stage durations</h2><table>{durations}</table>
+<h2>Lineage</h2><table>{uris}</table>
+<p><small>Created {esc(report['created'])} by forgetflow.</small></p></body></html>"""
+
+
+def write_report(report: dict, out_dir: Path, figures: list[Path] = ()) -> Path:
+    """Write report.json, report.html and copies of the figures; returns report.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for fig in figures:
+        if Path(fig).exists():
+            copied.append(Path(shutil.copy2(fig, out_dir / Path(fig).name)))
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out_dir / "report.html").write_text(render_html(report, copied))
+    return out_dir / "report.json"

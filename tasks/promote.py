@@ -1,0 +1,92 @@
+"""Stage 6, promote: register the new version with its lineage, always as @challenger; move
+@champion only if every gate passed AND the base is still the champion (compare-and-set
+under the model's lock), so a crash or a concurrent request never moves it wrongly.
+Then the report, the ledger's final state, and the shredding of the request key."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+
+from forgetflow.locks import model_lock
+from forgetflow.plots import plot_metric_bars
+from forgetflow.report import build_report, code_revisions, write_report
+from forgetflow.runs import RunContext, s3_prefix
+from tasks.common import StageEnv, timed
+from forgetflow.bootstrap import EVAL_KIT_TAG
+
+HEADLINE_METRICS = {
+    "diffusion": ["unlearning_accuracy", "override_fidelity", "remaining_class_accuracy", "remaining_fd",
+                  "seconds_per_1000_samples"],
+}
+
+
+class PromotionConflict(RuntimeError):
+    """The champion moved while this request ran; it must be rebased, never overwritten."""
+
+
+def _find_registered(env: StageEnv, ctx: RunContext) -> str | None:
+    """A version already registered for this request (a retried promote registers once)."""
+    for v in env.registry.versions(ctx.model):
+        if v.tags.get("forgetflow.request_id") == ctx.request_id:
+            return v.version
+    return None
+
+
+@task(name="promote", retries=2, retry_delay_seconds=[2, 10])
+def promote(ctx: RunContext, guidance_scale: float, metrics: dict, gates: list[dict]) -> dict:
+    env = StageEnv(ctx)
+    with timed(ctx, "promote"):
+        passed = bool(gates) and all(g["passed"] for g in gates)
+        run_info = env.run.client.get_run(ctx.mlflow_run_id)
+        uris = {
+            "checkpoint": run_info.data.tags.get("forgetflow.checkpoint_uri"),
+            "synth": f"s3://{env.settings.bucket}/{s3_prefix(ctx.model, ctx.request_id, 'synth')}",
+            "mlflow_run": ctx.mlflow_run_id,
+            "eval_kit": ctx.eval_kit_uri,
+        }
+        revisions = code_revisions()
+        tags = {
+            "forgetflow.request_id": ctx.request_id,
+            "forgetflow.family": ctx.family,
+            "forgetflow.method": ctx.method,
+            "forgetflow.base_version": ctx.base_version,
+            "forgetflow.guidance_scale": str(guidance_scale),
+            "forgetflow.gates_passed": str(passed).lower(),
+            "forgetflow.gates": json.dumps({g["name"]: [round(g["value"], 6), g["threshold"], g["passed"]] for g in gates}),
+            "forgetflow.checkpoint_uri": uris["checkpoint"] or "",
+            "forgetflow.git_rev": revisions["git"] or "",
+            "forgetflow.dvc_rev": revisions["dvc_lock"] or "",
+            EVAL_KIT_TAG: ctx.eval_kit_uri,
+        }
+        version = _find_registered(env, ctx) or env.registry.register(
+            ctx.model, ctx.new_dir, run_id=ctx.mlflow_run_id, tags=tags,
+            description=f"forgetflow {ctx.method} for request {ctx.request_id} on v{ctx.base_version}")
+        env.registry.set_alias(ctx.model, "challenger", version)
+        if passed:
+            with model_lock(ctx.state_dir, ctx.model):
+                current = env.registry.alias_version(ctx.model, "champion")
+                if current != version and not env.registry.move_champion_if(ctx.model, version, ctx.base_version):
+                    raise PromotionConflict(
+                        f"{ctx.model}: base v{ctx.base_version} is no longer @champion (now v{current}); "
+                        f"rerun the request to rebase it on the new champion")
+            status, error = "promoted", None
+        else:
+            failed = [g["name"] for g in gates if not g["passed"]]
+            status, error = "rejected", "gates failed: " + ", ".join(failed)
+
+    figures = [ctx.evaluation_dir / "samples_before_after.png", ctx.evaluation_dir / "guidance_curve.png"]
+    figures.append(plot_metric_bars(metrics, HEADLINE_METRICS.get(ctx.family, []), ctx.evaluation_dir / "metric_bars.png"))
+    report = build_report(
+        request_id=ctx.request_id, status=status, model=ctx.model, family=ctx.family, method=ctx.method,
+        base_version=ctx.base_version, new_version=version, guidance_scale=guidance_scale, metrics=metrics,
+        gates=gates, durations_s=ctx.durations_s, uris=uris, revisions=revisions, error=error)
+    report_dir = Path(env.params.services.reports_dir) / ctx.request_id
+    report_path = write_report(report, report_dir, figures)
+    env.run.artifacts(report_dir, "report")
+    env.run.tags({"forgetflow.status": status})
+    env.run.end(ok=True)
+    env.ledger.update(ctx.request_id, status, new_version=version, report_path=str(report_path), error=error)
+    env.ledger.shred(ctx.request_id)
+    return report

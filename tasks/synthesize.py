@@ -1,0 +1,18 @@
+"""Stage 2, synthesize: the family builds the forget / replacement data from the request
+and the base model alone (data-free for diffusion), stored in S3 beside the run."""
+from __future__ import annotations
+
+from prefect import task
+
+from forgetflow.runs import RunContext, s3_prefix
+from tasks.common import StageEnv, timed
+
+
+@task(name="synthesize", retries=2, retry_delay_seconds=[2, 10])
+def synthesize(ctx: RunContext) -> RunContext:
+    env = StageEnv(ctx)
+    with timed(ctx, "synthesize"):
+        summary = env.family.synthesize(env.request(), ctx.base_dir, ctx.synth_dir, env.params)
+        env.store.put_dir(ctx.synth_dir, s3_prefix(ctx.model, ctx.request_id, "synth"))
+        env.run.metrics(summary, prefix="synth.")
+    return ctx
