@@ -1,0 +1,113 @@
+"""End to end, as a user runs it: the CLI drives the Prefect flow against the real local
+object store and MLflow server (tiny preset: same code path, smaller numbers)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from forgetflow.ledger import Ledger
+from forgetflow.registry import Registry
+
+pytestmark = [pytest.mark.slow, pytest.mark.services]
+MODEL = "digits-e2e"
+
+
+def forgetflow(workdir: Path, state_dir: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FORGETFLOW_STATE_DIR": str(state_dir)}
+    return subprocess.run([sys.executable, "-m", "forgetflow.cli", "--preset", "tiny", *args],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def write_request(workdir: Path, request_id: str, **target) -> Path:
+    path = workdir / f"{request_id}.yaml"
+    path.write_text(json.dumps({"request_id": request_id, "model": target.pop("model", MODEL),
+                                "target": {"kind": "diffusion-class", **target}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def registered(services, tmp_path_factory):
+    """The tiny demo model and judge, trained by the CLI and registered as MODEL@champion."""
+    workdir = tmp_path_factory.mktemp("e2e")
+    state_dir = Path(services.state_dir)
+    out = forgetflow(workdir, state_dir, "train-base", "--out", str(workdir / "artifacts"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = forgetflow(workdir, state_dir, "register", MODEL, str(workdir / "artifacts" / "model"),
+                     "--eval-kit", str(workdir / "artifacts" / "judge"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir, state_dir
+
+
+def test_request_flows_through_all_six_stages_and_is_promoted(registered, services):
+    workdir, state_dir = registered
+    registry = Registry(services.mlflow_uri)
+    assert registry.alias_version(MODEL, "champion") == "1"
+
+    out = forgetflow(workdir, state_dir, "request", "submit", str(write_request(workdir, "forget-7", classes=[7])), "--run")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+    report = json.loads((workdir / "reports" / "forget-7" / "report.json").read_text())
+    assert report["status"] == "promoted", report["gates"]
+    assert report["family"] == "diffusion" and report["method"] == "sfd"
+    assert (report["base_version"], report["new_version"]) == ("1", "2")
+    assert set(report["durations_s"]) == {"intake", "synthesize", "unlearn", "calibrate", "evaluate", "promote"}
+    base, new = report["metrics"]["base"], report["metrics"]["new"]
+    for key in ("unlearning_accuracy", "override_fidelity", "remaining_class_accuracy", "remaining_fd",
+                "seconds_per_1000_samples", "nfe"):
+        assert key in base and key in new
+    assert base["unlearning_accuracy"] < 0.5 < new["unlearning_accuracy"]
+    assert new["nfe"] < base["nfe"]
+    assert all(g["passed"] for g in report["gates"])
+    assert (workdir / "reports" / "forget-7" / "report.html").read_text().count("<img") >= 2
+
+    # registry: champion moved, version carries its lineage
+    assert registry.alias_version(MODEL, "champion") == "2"
+    assert registry.alias_version(MODEL, "challenger") == "2"
+    tags = registry.get_version(MODEL, "2").tags
+    assert tags["forgetflow.request_id"] == "forget-7" and tags["forgetflow.base_version"] == "1"
+    assert tags["forgetflow.checkpoint_uri"].endswith(f"{MODEL}/forget-7/final")
+
+    # ledger: final state, payload key shredded
+    entry = Ledger(state_dir).get("forget-7")
+    assert entry.state == "promoted" and entry.new_version == "2" and entry.key_shredded
+
+    # the same request again is the same piece of work
+    again = forgetflow(workdir, state_dir, "request", "submit", str(workdir / "forget-7.yaml"), "--run")
+    assert again.returncode == 0 and "already known, promoted" in again.stdout
+    assert [v.version for v in registry.versions(MODEL)] == ["2", "1"] or len(registry.versions(MODEL)) == 2
+
+    # consumers sample the champion through its MLflow pyfunc
+    out = forgetflow(workdir, state_dir, "generate", MODEL, "--label", "7", "--label", "1", "--n", "4",
+                     "--out", str(workdir / "samples.png"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (workdir / "samples.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("request_id, target, message", [
+    ("unknown-model", {"model": "no-such-model", "classes": [1]}, "no-such-model"),
+    ("class-out-of-range", {"classes": [12]}, "class 12 is not in model"),
+])
+def test_bad_targets_fail_cleanly_and_keep_the_champion(registered, services, request_id, target, message):
+    workdir, state_dir = registered
+    registry = Registry(services.mlflow_uri)
+    champion = registry.alias_version(MODEL, "champion")
+    out = forgetflow(workdir, state_dir, "request", "submit", str(write_request(workdir, request_id, **target)), "--run")
+    assert out.returncode == 1
+    assert message in out.stderr
+    entry = Ledger(state_dir).get(request_id)
+    assert entry.state == "failed" and message in entry.error
+    assert registry.alias_version(MODEL, "champion") == champion
+
+
+def test_malformed_request_is_refused_before_the_ledger(registered):
+    workdir, state_dir = registered
+    bad = workdir / "bad.yaml"
+    bad.write_text("request_id: x\nmodel: [unclosed\n")
+    out = forgetflow(workdir, state_dir, "request", "submit", str(bad))
+    assert out.returncode == 1 and "malformed YAML/JSON" in out.stderr
+    assert Ledger(state_dir).get("x", missing_ok=True) is None
