@@ -1,0 +1,36 @@
+"""Reports: the contract keys, a self-contained page, figures inlined, errors shown."""
+import json
+
+import pytest
+
+from forgetflow.gates import Gate
+from forgetflow.plots import plot_guidance_curve, plot_metric_bars
+from forgetflow.report import REPORT_KEYS, build_report, write_report
+
+
+def test_report_files_and_page(tmp_path):
+    metrics = {"base": {"unlearning_accuracy": 0.01, "remaining_fd": 30.0},
+               "new": {"unlearning_accuracy": 1.0, "remaining_fd": 31.0}}
+    gates = [Gate("unlearning_accuracy", 1.0, 0.98, "min").to_dict(), Gate("remaining_fd_ratio", 1.4, 1.25, "max").to_dict()]
+    curve = [{"guidance_scale": 1.0, "unlearning_accuracy": 0.99, "passed": True},
+             {"guidance_scale": 1.5, "unlearning_accuracy": 1.0, "passed": True}]
+    figs = [plot_guidance_curve(curve, 1.0, tmp_path / "guidance_curve.png"),
+            plot_metric_bars(metrics, ["unlearning_accuracy", "remaining_fd"], tmp_path / "metric_bars.png")]
+    report = build_report(request_id="r1", status="rejected", model="m", family="diffusion", method="sfd",
+                          base_version="1", new_version="2", guidance_scale=1.0, metrics=metrics, gates=gates,
+                          durations_s={"unlearn": 12.5}, error="gates failed: remaining_fd_ratio")
+    path = write_report(report, tmp_path / "out", figs)
+    data = json.loads(path.read_text())
+    assert set(data) == set(REPORT_KEYS) and data["created"]
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    assert "FAIL" in page and "gates failed: remaining_fd_ratio" in page and "Status: rejected" in page
+
+
+def test_gate_semantics_and_unknown_report_fields():
+    assert Gate("a", 0.99, 0.98, "min").passed and not Gate("a", 0.97, 0.98, "min").passed
+    assert Gate("b", 1.2, 1.25, "max").passed and not Gate("b", 1.3, 1.25, "max").passed
+    assert Gate("a", 1.0, 0.5, "min").margin == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="unknown report fields"):
+        build_report(request_id="r", colour="red")
