@@ -56,7 +56,7 @@ class DiffusionBaseTrainParams(_Section):
 
     steps: int = 1000
     batch_size: int = 64
-    lr: float = 2e-4
+    lr: float = 1e-3
     ema_decay: float = 0.999
     class_dropout: float = 0.1  # CFG: replace the label by the null class this often
     seed: int = 0
@@ -81,7 +81,7 @@ class SFDParams(_Section):
     iterations: int = 300
     batch_remaining: int = 32
     batch_forget: int = 16
-    lambda_f: float = 0.01
+    lambda_f: float = 0.1
     alpha: float = 1.2
     lr_generator: float = 1e-4
     lr_fake: float = 1e-4
@@ -94,7 +94,8 @@ class SFDParams(_Section):
     sigma_min: float = 0.137
     sigma_max: float = 13.1
     omega_min: float = 1e-5
-    teacher_guidance_scale: float = 1.0
+    teacher_guidance_scale: float = 1.25
+    fake_class_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # f_psi learns the null class too
     override_rule: Literal["next", "random"] = "next"
     checkpoint_every: int = 50
     log_every: int = Field(10, ge=1)  # iterations between loss-history rows

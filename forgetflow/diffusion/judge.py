@@ -109,7 +109,8 @@ def train_judge(params: Params, out_dir: Path, *, device: torch.device | None = 
         "feature_dim": base.judge_channels[-1],
         "test_accuracy": accuracy(judge, test_images, test_labels),
         "train_accuracy": accuracy(judge, images, labels),
-        "hyperparameters": {k: v for k, v in base.model_dump(mode="json").items() if k.startswith("judge") or k == "seed"},
+        "hyperparameters": {k: v for k, v in base.model_dump(mode="json").items()
+                            if k.startswith("judge") or k == "seed"},
     }
     (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2))
     return out_dir

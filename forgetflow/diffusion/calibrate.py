@@ -1,0 +1,68 @@
+"""Guidance calibration of an unlearned version and the diffusion promotion gates.
+
+Gates (params.diffusion.gates), base = the version before forgetting, new = after:
+    unlearning_accuracy      = new.UA                                        >= min
+    override_fidelity        = new.override_fidelity                         >= min
+    remaining_accuracy_drop  = base.remaining_acc - new.remaining_acc        <= max
+    remaining_fd_ratio       = new.remaining_fd / base.remaining_fd          <= max
+    sampling_speedup         = base.s_per_1000 / new.s_per_1000              >= min
+Calibration: evaluate every scale of calibrate.guidance_scales on the calibration seed
+(samples_per_class per remaining class) and take the smallest scale whose gates all pass,
+else the scale with the largest worst-gate margin.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from forgetflow.config import GateParams, Params
+from forgetflow.diffusion.evaluate import evaluate_version
+from forgetflow.gates import Gate, all_passed
+
+CURVE_METRICS = ("unlearning_accuracy", "override_fidelity", "remaining_class_accuracy", "remaining_fd")
+
+
+def diffusion_gates(base_metrics: dict, new_metrics: dict, gate_params: GateParams) -> list[Gate]:
+    return [
+        Gate("unlearning_accuracy", new_metrics["unlearning_accuracy"], gate_params.unlearning_accuracy_min, "min"),
+        Gate("override_fidelity", new_metrics["override_fidelity"], gate_params.override_fidelity_min, "min"),
+        Gate("remaining_accuracy_drop",
+             base_metrics["remaining_class_accuracy"] - new_metrics["remaining_class_accuracy"],
+             gate_params.remaining_accuracy_drop_max, "max"),
+        Gate("remaining_fd_ratio", new_metrics["remaining_fd"] / base_metrics["remaining_fd"],
+             gate_params.remaining_fd_ratio_max, "max"),
+        Gate("sampling_speedup",
+             base_metrics["seconds_per_1000_samples"] / new_metrics["seconds_per_1000_samples"],
+             gate_params.sampling_speedup_min, "min"),
+    ]
+
+
+def calibrate_guidance(
+    version_dir: Path,
+    judge_dir: Path,
+    forget_pairs: list[tuple[int, int]],
+    params: Params,
+    base_metrics: dict,
+    *,
+    device: torch.device | None = None,
+) -> tuple[float, list[dict]]:
+    """(chosen guidance scale, one curve row per scale)."""
+    cal = params.diffusion.calibrate
+    scale = cal.samples_per_class / params.diffusion.evaluate.samples_per_remaining_class
+    rows, margins = [], []
+    for w in sorted(cal.guidance_scales):
+        metrics = evaluate_version(version_dir, judge_dir, forget_pairs, params, seed=cal.seed,
+                                   guidance_scale=w, device=device, samples_scale=scale)
+        gates = diffusion_gates(base_metrics, metrics, params.diffusion.gates)
+        rows.append({
+            "guidance_scale": w,
+            **{k: metrics[k] for k in CURVE_METRICS},
+            "passed": all_passed(gates),
+            "gates": [g.to_dict() for g in gates],
+        })
+        margins.append(min(g.margin for g in gates))
+    passing = [row["guidance_scale"] for row in rows if row["passed"]]
+    if passing:
+        return passing[0], rows
+    return rows[max(range(len(rows)), key=margins.__getitem__)]["guidance_scale"], rows

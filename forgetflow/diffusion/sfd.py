@@ -1,0 +1,322 @@
+"""Score Forgetting Distillation (Chen, Zhang, Zhou, ICLR 2025), built on SiD (Zhou et al. 2024).
+
+Three networks of the teacher's architecture, all initialised from the teacher:
+teacher score f_phi (frozen), fake score f_psi (tracks the generator's distribution) and the
+one-step generator G_theta(z; c) = D_G(b_{t_init} z; c, t_init) (+ EMA). No real image is used.
+
+One iteration = fake-score step, then generator step; t ~ U{t(sigma_min), ..., t(sigma_max) - 1},
+x_t = a_t x_g + b_t eps. Keep rows have labels c of the remaining classes; forget rows have a
+forget class c_f and its override c_o.
+
+Fake-score step (x_g detached; labels dropped to the null class with probability
+fake_class_dropout, as in the paper's text-to-image setting, so that f_psi keeps an
+unconditional score and can serve as a guided teacher for a later request):
+    L_psi = E ||eps_psi(x_t; c, t) - eps||^2 + lambda_f E ||eps_psi(x_t^f; c_f, t) - eps||^2
+Generator step (f_phi, f_psi frozen; gradients flow through their inputs):
+    l_SiD(y_r, y_f, x_g) = sum_pixels (y_r - y_f) * ((y_r - x_g) - alpha (y_r - y_f)) / omega,
+    omega = sg(mean_pixels |y_r - x_g|) clamped >= omega_min
+    L_theta = E_c l_SiD(f_phi(x_t; c), f_psi(x_t; c), G(z; c))
+            + lambda_f E l_SiD(f_phi(x_t; c_o), f_psi(x_t; c_f), G(z; c_f))
+"""
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from forgetflow.checkpoints import CheckpointSink
+from forgetflow.compute import autocast, resolve_device
+from forgetflow.config import Params, SFDParams
+from forgetflow.diffusion.artifact import DiffusionVersion, ModelCard, load_version, save_version
+from forgetflow.diffusion.sampling import denoise, generate_one_step, t_for_sigma, vp_coefficients
+from forgetflow.diffusion.train_base import TRAINING_LOG, grad_scaler, optimizer_step
+
+STATE_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """`iterations` of `objective`; forget=False: plain SiD over all classes (no forget rows)."""
+
+    iterations: int
+    objective: "SFD"
+    forget: bool = True
+
+
+class SFD:
+    """The SFD objective: hyperparameters alpha, lambda_f, omega_min and its two losses."""
+
+    name: ClassVar[str] = "sfd"
+
+    def __init__(self, alpha: float, lambda_f: float, omega_min: float):
+        self.alpha, self.lambda_f, self.omega_min = alpha, lambda_f, omega_min
+
+    @classmethod
+    def from_params(cls, sfd: SFDParams) -> "SFD":
+        return cls(alpha=sfd.alpha, lambda_f=sfd.lambda_f, omega_min=sfd.omega_min)
+
+    @classmethod
+    def stages(cls, sfd: SFDParams) -> list[Stage]:
+        return [Stage(sfd.iterations, cls.from_params(sfd))]
+
+    def _keep_plus_forget(self, per_sample: Tensor, forget_mask: Tensor) -> Tensor:
+        """E_keep[per_sample] + lambda_f E_forget[per_sample] (a missing part counts 0)."""
+        keep, forget = per_sample[~forget_mask], per_sample[forget_mask]
+        total = keep.mean() if keep.numel() else per_sample.new_zeros(())
+        return total + self.lambda_f * forget.mean() if forget.numel() else total
+
+    def fake_score_loss(self, eps_psi: Tensor, eps: Tensor, forget_mask: Tensor) -> Tensor:
+        """L_psi: eps-matching on detached generator samples; forget rows weighted lambda_f."""
+        per_sample = (eps_psi.float() - eps).square().flatten(1).mean(dim=1)
+        return self._keep_plus_forget(per_sample, forget_mask)
+
+    def sid_loss(self, y_real: Tensor, y_fake: Tensor, x_g: Tensor) -> Tensor:
+        """l_SiD per sample [N]; omega is a stop-gradient normaliser."""
+        omega = (y_real - x_g).abs().flatten(1).mean(dim=1).clamp(min=self.omega_min).detach()
+        diff = y_real - y_fake
+        per_pixel = diff * ((y_real - x_g) - self.alpha * diff)
+        return per_pixel.flatten(1).sum(dim=1) / omega
+
+    def generator_loss(self, y_real: Tensor, y_fake: Tensor, x_g: Tensor, forget_mask: Tensor) -> Tensor:
+        """L_theta: keep rows y_real = f_phi(x_t; c); forget rows y_real = f_phi(x_t; c_o),
+        y_fake = f_psi(x_t; c_f)."""
+        return self._keep_plus_forget(self.sid_loss(y_real, y_fake, x_g), forget_mask)
+
+    @classmethod
+    def unlearn(cls, base_dir: Path, out_dir: Path, forget_pairs: list[tuple[int, int]], params: Params,
+                *, device: torch.device | None = None, checkpoints: CheckpointSink | None = None,
+                progress: bool = True) -> Path:
+        """The method-registry entry point (see methods.py)."""
+        return train_sfd(base_dir, out_dir, forget_pairs, params, device=device,
+                         checkpoints=checkpoints, progress=progress, method=cls.name)
+
+
+class SFDTwoStage(SFD):
+    """First plain SiD (lambda_f = 0, all classes) for sid_iterations, then SFD."""
+
+    name: ClassVar[str] = "sfd-two-stage"
+
+    @classmethod
+    def stages(cls, sfd: SFDParams) -> list[Stage]:
+        sid = cls(alpha=sfd.alpha, lambda_f=0.0, omega_min=sfd.omega_min)
+        return [Stage(sfd.sid_iterations, sid, forget=False), *super().stages(sfd)]
+
+
+SFD_VARIANTS: dict[str, type[SFD]] = {cls.name: cls for cls in (SFD, SFDTwoStage)}
+
+
+def merge_forget_pairs(previous: list[tuple[int, int]], new: list[tuple[int, int]], num_classes: int) -> dict[int, int]:
+    """{c_f: c_o} over previous ∪ new (a new pair replaces an old one for the same c_f)."""
+    pairs = dict(previous)
+    pairs.update({int(f): int(o) for f, o in new})
+    for c_f, c_o in pairs.items():
+        if not (0 <= c_f < num_classes and 0 <= c_o < num_classes):
+            raise ValueError(f"class out of range in pair ({c_f}, {c_o}); classes are 0..{num_classes - 1}")
+        if c_o in pairs:
+            raise ValueError(f"override class {c_o} of {c_f} is itself forgotten")
+    if not pairs:
+        raise ValueError("no forget pairs given")
+    return pairs
+
+
+class _Batcher:
+    """Draws the labels, noise and timesteps of one iteration from one torch.Generator."""
+
+    def __init__(self, pairs: dict[int, int], num_classes: int, sfd: SFDParams, t_range: tuple[int, int],
+                 image_size: int, rng: torch.Generator, device: torch.device):
+        self.rng, self.device, self.sfd, self.t_range = rng, device, sfd, t_range
+        self.shape = (1, image_size, image_size)
+        self.all = torch.arange(num_classes, device=device)
+        self.keep = torch.tensor([c for c in range(num_classes) if c not in pairs], device=device)
+        self.forget = torch.tensor(list(pairs), device=device)
+        self.override = torch.tensor(list(pairs.values()), device=device)
+
+    def _pick(self, pool: Tensor, n: int) -> Tensor:
+        return pool[torch.randint(len(pool), (n,), generator=self.rng, device=self.device)]
+
+    def labels(self, forget: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """(generator/fake labels, teacher labels, forget mask) for one iteration."""
+        n_keep, n_forget = self.sfd.batch_remaining, self.sfd.batch_forget
+        if not forget:
+            c = self._pick(self.all, n_keep + n_forget)
+            return c, c, torch.zeros_like(c, dtype=torch.bool)
+        c = self._pick(self.keep, n_keep)
+        which = torch.randint(len(self.forget), (n_forget,), generator=self.rng, device=self.device)
+        c_f = self.forget[which]
+        c_o = self._pick(self.keep, n_forget) if self.sfd.override_rule == "random" else self.override[which]
+        mask = torch.cat([torch.zeros_like(c, dtype=torch.bool), torch.ones_like(c_f, dtype=torch.bool)])
+        return torch.cat([c, c_f]), torch.cat([c, c_o]), mask
+
+    def drop_labels(self, c: Tensor, null_class: int) -> Tensor:
+        """Replace labels by the null class with probability fake_class_dropout."""
+        dropped = torch.rand(len(c), generator=self.rng, device=self.device) < self.sfd.fake_class_dropout
+        return torch.where(dropped, torch.full_like(c, null_class), c)
+
+    def noise(self, n: int) -> Tensor:
+        return torch.randn((n, *self.shape), generator=self.rng, device=self.device)
+
+    def timesteps(self, n: int) -> Tensor:
+        return torch.randint(*self.t_range, (n,), generator=self.rng, device=self.device)
+
+
+def _noised(scheduler: DDPMScheduler, x_g: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    a_t, b_t = vp_coefficients(scheduler, t)
+    return a_t * x_g + b_t * eps
+
+
+def _save_state(sink: CheckpointSink, step: int, state: dict) -> None:
+    with tempfile.TemporaryDirectory(prefix=f"sfd-step-{step}-") as tmp:
+        torch.save(state, Path(tmp) / STATE_FILE)
+        (Path(tmp) / "step.json").write_text(json.dumps({"step": step, "run": state["run"]}))
+        sink.save(step, Path(tmp))
+
+
+def train_sfd(
+    base_dir: Path,
+    out_dir: Path,
+    forget_pairs: list[tuple[int, int]],
+    params: Params,
+    *,
+    device: torch.device | None = None,
+    checkpoints: CheckpointSink | None = None,
+    progress: bool = True,
+    method: str = "sfd",
+) -> Path:
+    """Unlearn `forget_pairs` [(c_f, c_o)] from the version at base_dir; write a one-step version.
+
+    A one-step base (a chained request) is the teacher through its `score/` and initialises
+    the generator from its `generator/`; its previously forgotten pairs stay in the forget term.
+    With `checkpoints`, the full state is saved every sfd.checkpoint_every iterations and a
+    call resumes from sink.latest(), continuing the same run exactly.
+    """
+    if method not in SFD_VARIANTS:
+        raise ValueError(f"unknown SFD variant {method!r}; known: {sorted(SFD_VARIANTS)}")
+    sfd = params.diffusion.sfd
+    device = device or resolve_device(params.compute)
+    base = load_version(base_dir, device)
+    card, scheduler = base.card, base.scheduler
+    pairs = merge_forget_pairs(card.forgotten_pairs, forget_pairs, card.num_classes)
+    t_init = t_for_sigma(scheduler, sfd.sigma_init)
+    if card.kind == "one-step" and card.t_init != t_init:
+        raise ValueError(f"base generator runs at t_init {card.t_init}, "
+                         f"params give {t_init} (sigma_init {sfd.sigma_init})")
+    t_range = (t_for_sigma(scheduler, sfd.sigma_min), t_for_sigma(scheduler, sfd.sigma_max))
+    stages = SFD_VARIANTS[method].stages(sfd)
+    total = sum(s.iterations for s in stages)
+    run_id = {"method": method, "forget_pairs": sorted(pairs.items())}
+
+    rng = torch.Generator(device).manual_seed(sfd.seed)
+    batcher = _Batcher(pairs, card.num_classes, sfd, t_range, card.image_size, rng, device)
+    f_phi = base.score.requires_grad_(False).eval()
+    f_psi = copy.deepcopy(base.score).train()
+    G_theta = copy.deepcopy(base.generator if base.generator is not None else base.score).requires_grad_(True).train()
+    ema = EMAModel(G_theta.parameters(), decay=sfd.ema_decay, update_after_step=sfd.ema_warmup_iterations)
+    adam = dict(betas=tuple(sfd.adam_betas), eps=sfd.adam_eps, weight_decay=0.0)
+    opt_theta = torch.optim.Adam(G_theta.parameters(), lr=sfd.lr_generator, **adam)
+    opt_psi = torch.optim.Adam(f_psi.parameters(), lr=sfd.lr_fake, **adam)
+    scaler_theta, scaler_psi = grad_scaler(device, params.compute), grad_scaler(device, params.compute)
+    null = card.null_class
+
+    start, history = 0, []
+    window = {"loss_fake": 0.0, "loss_generator": 0.0, "n": 0}
+    latest = checkpoints.latest() if checkpoints is not None else None
+    if latest is not None:
+        path = Path(latest[1])
+        state = torch.load(path / STATE_FILE, map_location=device, weights_only=True)
+        if state["run"] != run_id:
+            raise ValueError(f"checkpoint at {path} belongs to run {state['run']}, not {run_id}")
+        G_theta.load_state_dict(state["generator"])
+        f_psi.load_state_dict(state["fake"])
+        ema.load_state_dict(state["ema"])
+        opt_theta.load_state_dict(state["opt_generator"])
+        opt_psi.load_state_dict(state["opt_fake"])
+        scaler_theta.load_state_dict(state["scaler_generator"])
+        scaler_psi.load_state_dict(state["scaler_fake"])
+        rng.set_state(state["rng"].cpu())
+        history, window = state["history"], state["window"]
+        start = state["step"]
+
+    def generate(labels: Tensor) -> Tensor:
+        z = batcher.noise(len(labels))
+        return generate_one_step(G_theta, scheduler, z, labels, t_init, 1.0, null, params.compute)
+
+    began = time.perf_counter()
+    stage_ends = torch.tensor([s.iterations for s in stages]).cumsum(0).tolist()
+    for k in tqdm(range(start, total), initial=start, total=total, disable=not progress, desc=method):
+        stage_index = next(i for i, end in enumerate(stage_ends) if k < end)
+        stage = stages[stage_index]
+        c, c_teacher, forget_mask = batcher.labels(stage.forget)
+
+        # fake-score step on detached generator samples
+        with torch.no_grad():
+            x_g = generate(c)
+        t, eps = batcher.timesteps(len(c)), batcher.noise(len(c))
+        f_psi.requires_grad_(True)
+        with autocast(device, params.compute):
+            eps_psi = f_psi(_noised(scheduler, x_g, t, eps), t, class_labels=batcher.drop_labels(c, null)).sample
+        loss_psi = stage.objective.fake_score_loss(eps_psi, eps, forget_mask)
+        optimizer_step(loss_psi, opt_psi, scaler_psi, f_psi.parameters(), sfd.grad_clip)
+
+        # generator step: f_phi and f_psi frozen, gradients through their inputs
+        f_psi.requires_grad_(False)
+        x_g = generate(c)
+        t, eps = batcher.timesteps(len(c)), batcher.noise(len(c))
+        x_t = _noised(scheduler, x_g, t, eps)
+        y_real = denoise(f_phi, scheduler, x_t, t, c_teacher, sfd.teacher_guidance_scale, null, params.compute)
+        y_fake = denoise(f_psi, scheduler, x_t, t, c, 1.0, null, params.compute)
+        loss_theta = stage.objective.generator_loss(y_real, y_fake, x_g, forget_mask)
+        optimizer_step(loss_theta, opt_theta, scaler_theta, G_theta.parameters(), sfd.grad_clip)
+        ema.step(G_theta.parameters())
+
+        window["loss_fake"] += loss_psi.item()
+        window["loss_generator"] += loss_theta.item()
+        window["n"] += 1
+        step = k + 1
+        if step % sfd.log_every == 0 or step == total:
+            n = window["n"]
+            history.append({"iteration": step, "stage": stage_index,
+                            "loss_fake": window["loss_fake"] / n, "loss_generator": window["loss_generator"] / n})
+            window = {"loss_fake": 0.0, "loss_generator": 0.0, "n": 0}
+        if checkpoints is not None and step % sfd.checkpoint_every == 0 and step < total:
+            _save_state(checkpoints, step, {
+                "step": step, "run": run_id, "generator": G_theta.state_dict(), "fake": f_psi.state_dict(),
+                "ema": ema.state_dict(), "opt_generator": opt_theta.state_dict(), "opt_fake": opt_psi.state_dict(),
+                "scaler_generator": scaler_theta.state_dict(), "scaler_fake": scaler_psi.state_dict(),
+                "rng": rng.get_state(), "history": history, "window": window,
+            })
+    seconds = time.perf_counter() - began
+
+    ema.copy_to(G_theta.parameters())
+    new_card = ModelCard(
+        kind="one-step",
+        num_classes=card.num_classes,
+        null_class=null,
+        image_size=card.image_size,
+        guidance_scale=1.0,
+        class_names=card.class_names,
+        t_init=t_init,
+        sigma_init=sfd.sigma_init,
+        forgotten=[{"forget_class": f, "override_class": o} for f, o in pairs.items()],
+        method=method,
+        hyperparameters=sfd.model_dump(mode="json"),
+    )
+    version = DiffusionVersion(score=f_psi.eval(), generator=G_theta.eval(), scheduler=scheduler, card=new_card)
+    out_dir = save_version(Path(out_dir), version)
+    done_here = total - start
+    (out_dir / TRAINING_LOG).write_text(json.dumps({
+        "method": method, "iterations": total, "resumed_from": start if latest is not None else None,
+        "seconds": seconds, "iterations_per_second": done_here / seconds if done_here else None,
+        "t_init": t_init, "t_range": list(t_range), "forget_pairs": sorted(pairs.items()),
+        "keep_classes": batcher.keep.tolist(), "device": str(device), "history": history,
+    }, indent=2))
+    return out_dir
