@@ -6,7 +6,7 @@ from forgetflow.config import ParamsError, load_params
 
 def test_project_params_and_tiny_preset():
     full, tiny = load_params(), load_params(preset="tiny")
-    assert full.diffusion.sfd.lambda_f == 0.01 and full.diffusion.sfd.alpha == 1.2
+    assert full.diffusion.sfd.lambda_f == 0.1 and full.diffusion.sfd.alpha == 1.2
     assert tiny.diffusion.sfd.iterations < full.diffusion.sfd.iterations
     assert tiny.diffusion.sfd.alpha == full.diffusion.sfd.alpha  # untouched keys are inherited
 
