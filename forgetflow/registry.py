@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from forgetflow.services import ServiceUnavailable, probe_mlflow
+from forgetflow.storage import move_into
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_CARD = "model_card.json"
@@ -233,13 +234,7 @@ class Registry:
             if not rel or not (local / rel / MODEL_CARD).exists():
                 raise UnknownModel(f"{name} v{info.version} is not a forgetflow model (no '{MODEL_CARD}' in its "
                                    f"'model' artifact)")
-            for item in (local / rel).iterdir():
-                target = dst / item.name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                elif target.exists() or target.is_symlink():
-                    target.unlink()
-                os.replace(item, target)
+            move_into(local / rel, dst)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return dst

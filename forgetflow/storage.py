@@ -274,16 +274,22 @@ class ObjectStore:
                                           f"manifest (sha256 {digest[:12]}..., size {size}; expected "
                                           f"{str(meta.get('sha256'))[:12]}..., size {meta.get('size')})")
             local_dir.mkdir(parents=True, exist_ok=True)
-            for item in staging.iterdir():
-                dest = local_dir / item.name
-                if dest.is_dir() and not dest.is_symlink():
-                    shutil.rmtree(dest)
-                elif dest.exists() or dest.is_symlink():
-                    dest.unlink()
-                os.replace(item, dest)
+            move_into(staging, local_dir)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return local_dir
+
+
+def move_into(staging: Path, dst: Path) -> None:
+    """Move every entry of `staging` into `dst`, replacing what is there under the same name
+    (a download lands whole, after verification, never half-written)."""
+    for item in staging.iterdir():
+        target = dst / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        os.replace(item, target)
 
 
 class S3CheckpointSink:
