@@ -289,13 +289,14 @@ def default_state_dir(params: Params) -> Path:
 
 
 def _state_path(params: Params | None, state_dir: str | Path | None) -> Path:
+    """Absolute: the servers run with their own working directory."""
     if state_dir is not None:
-        return Path(state_dir)
+        return Path(state_dir).resolve()
     if params is None:
         from forgetflow.config import load_params
 
         params = load_params()
-    return default_state_dir(params)
+    return default_state_dir(params).resolve()
 
 
 @contextlib.contextmanager
