@@ -8,6 +8,7 @@ carries its URI in the tag `forgetflow.eval_kit`.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from forgetflow.config import Params
@@ -26,20 +27,34 @@ def _dir_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def model_family(model_dir: Path) -> str:
+    card = Path(model_dir) / "model_card.json"
+    if not card.exists():
+        raise FileNotFoundError(f"{model_dir} is not a forgetflow model directory (no model_card.json)")
+    return json.loads(card.read_text()).get("family", "diffusion")
+
+
+def upload_eval_kit(name: str, eval_kit: Path, store: ObjectStore) -> str:
+    """Upload a kit under eval-kits/<name>/<content hash> (idempotent); returns the prefix."""
+    prefix = f"eval-kits/{name}/{_dir_hash(Path(eval_kit))}"
+    store.put_dir(Path(eval_kit), prefix)
+    return prefix
+
+
 def register_model(name: str, model_dir: Path, eval_kit: Path, params: Params, settings: Settings,
                    *, make_champion: bool = True) -> str:
     """Upload the eval kit, register `model_dir` as a new version of `name`; it becomes
     @champion if the model has none yet (or always, when make_champion and no champion)."""
-    from forgetflow.diffusion.artifact import load_version
+    from forgetflow.families import get_family
 
-    load_version(model_dir, "cpu")  # refuse a broken model before anything is registered
-    if not (Path(eval_kit) / "judge_card.json").exists():
-        raise FileNotFoundError(f"{eval_kit} is not an evaluation kit (no judge_card.json)")
-    prefix = f"eval-kits/{name}/{_dir_hash(Path(eval_kit))}"
-    ObjectStore(settings).put_dir(Path(eval_kit), prefix)
+    family_name = model_family(model_dir)
+    family = get_family(family_name)
+    family.check_model(model_dir)  # refuse a broken model before anything is registered
+    family.check_eval_kit(eval_kit)
+    prefix = upload_eval_kit(name, eval_kit, ObjectStore(settings))
     registry = Registry(settings.mlflow_uri)
     version = registry.register(name, Path(model_dir), run_id=None,
-                                tags={EVAL_KIT_TAG: prefix, "forgetflow.family": "diffusion",
+                                tags={EVAL_KIT_TAG: prefix, "forgetflow.family": family_name,
                                       "forgetflow.request_id": "", "forgetflow.model_hash": _dir_hash(Path(model_dir))},
                                 description=f"{name}: registered base model")
     if make_champion and registry.alias_version(name, "champion") is None:
@@ -68,3 +83,24 @@ def ensure_demo_model(name: str, params: Params, settings: Settings, out: Path) 
     if not (out / "judge" / "judge_card.json").exists():
         train_judge(params, out / "judge", device=device)
     return register_model(name, out / "model", out / "judge", params, settings)
+
+
+def ensure_demo_llm(name: str, params: Params, settings: Settings, out: Path) -> str:
+    """The demo support chat model registered as `name@champion`: the corpus of fictitious
+    customers, the fine-tuned model and its evaluation kit are made first if not on disk
+    (DVC stage `train_support_llm` makes the same folders)."""
+    from forgetflow.llm.support_model import finetune_model, make_support_corpus
+    from forgetflow.registry import UnknownModel
+
+    registry = Registry(settings.mlflow_uri)
+    try:
+        current = registry.alias_version(name, "champion")
+    except UnknownModel:
+        current = None
+    if current is not None:
+        return current
+    if not (out / "corpus.jsonl").exists() or not (out / "eval_kit" / "eval_kit_card.json").exists():
+        make_support_corpus(params, out)
+    if not (out / "model" / "model_card.json").exists():
+        finetune_model(out / "corpus.jsonl", out / "model", params)
+    return register_model(name, out / "model", out / "eval_kit", params, settings)

@@ -20,10 +20,14 @@ app = typer.Typer(help="Make trained generative models forget on request.", no_a
                   pretty_exceptions_enable=False)
 request_app = typer.Typer(help="Deletion requests.", no_args_is_help=True)
 app.add_typer(request_app, name="request")
+llm_app = typer.Typer(help="Chat models: the demo corpus and fine-tuning your own model.", no_args_is_help=True)
+app.add_typer(llm_app, name="llm")
 console = Console()
 err = Console(stderr=True)
 
-DEMO_MODELS = {False: "digits-ddpm", True: "digits-ddpm-tiny"}
+DEMO_MODELS = {"diffusion": {False: "digits-ddpm", True: "digits-ddpm-tiny"},
+               "llm": {False: "support-llm", True: "support-llm-tiny"}}
+DEMO_SUBJECTS = 4  # customers the LLM demo request forgets
 
 
 @dataclass
@@ -61,13 +65,14 @@ def _fail(message: str, code: int = 1):
 def _known_errors() -> tuple[type[Exception], ...]:
     from forgetflow.diffusion.artifact import ArtifactError
     from forgetflow.families import TargetError
+    from forgetflow.llm.artifact import ArtifactError as LLMArtifactError
     from forgetflow.ledger import LedgerError
     from forgetflow.registry import UnknownModel
     from forgetflow.request import RequestError
     from forgetflow.services import ServiceUnavailable
     from forgetflow.storage import CorruptArtifact
 
-    return (ArtifactError, TargetError, LedgerError, UnknownModel, RequestError, ServiceUnavailable,
+    return (ArtifactError, LLMArtifactError, TargetError, FileNotFoundError, LedgerError, UnknownModel, RequestError, ServiceUnavailable,
             CorruptArtifact, ParamsError, LookupError)
 
 
@@ -130,10 +135,37 @@ def train_base(ctx: typer.Context, out: Path = typer.Option(Path("artifacts/digi
     console.print(f"model: {out / 'model'}\njudge: {out / 'judge'}")
 
 
+@llm_app.command("corpus")
+def llm_corpus(ctx: typer.Context, out: Path = typer.Option(Path("artifacts/support-llm"), help="Output folder.")):
+    """Write the demo support-chat corpus of fictitious customers and its evaluation kit."""
+    from forgetflow.llm.support_model import make_support_corpus
+
+    o = _opts(ctx)
+    corpus, kit = make_support_corpus(load_params(o.params_path, preset=o.preset), out)
+    console.print(f"corpus: {corpus}\nevaluation kit: {kit}")
+
+
+@llm_app.command("finetune")
+def llm_finetune(ctx: typer.Context, corpus: Path,
+                 out: Path = typer.Option(Path("artifacts/support-llm/model"), help="Output model folder."),
+                 root: str = typer.Option(None, help="smollm2 | tiny (default: params.llm.finetune.root).")):
+    """Fine-tune a chat model on a JSONL chat corpus ({"messages": [...]} per line) and write
+    a forgetflow model folder, ready for `forgetflow register`."""
+    from forgetflow.llm.support_model import finetune_model
+
+    o = _opts(ctx)
+    try:
+        model_dir = finetune_model(corpus, out, load_params(o.params_path, preset=o.preset), root=root)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    console.print(f"model: {model_dir}")
+
+
 @app.command()
 def register(ctx: typer.Context, name: str, model_dir: Path, eval_kit: Path = typer.Option(..., help="Evaluation kit folder (the judge for diffusion)."),
              champion: bool = typer.Option(True, help="Make it @champion if the model has none.")):
-    """Register an existing model directory (diffusers format + model_card.json) in MLflow."""
+    """Register an existing forgetflow model folder (diffusion or LLM) in MLflow with its
+    evaluation kit (the judge for diffusion; roster + utility sets for LLMs)."""
     from forgetflow.bootstrap import register_model
 
     o = _opts(ctx)
@@ -220,10 +252,19 @@ def _print_summary(report: dict) -> None:
     table.add_column("metric")
     table.add_column("base", justify="right")
     table.add_column("new", justify="right")
-    base, new = report["metrics"]["base"], report["metrics"]["new"]
+    def flat(d: dict) -> dict:
+        out = {}
+        for k, v in d.items():
+            if k == "control_phrase":
+                continue
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()} if isinstance(v, dict) else {k: v})
+        return out
+
+    base, new = flat(report["metrics"]["base"]), flat(report["metrics"]["new"])
     for key in base:
         if isinstance(base[key], (int, float)):
-            table.add_row(key, f"{base[key]:.4g}", f"{new.get(key, float('nan')):.4g}")
+            value = new.get(key)
+            table.add_row(key, f"{base[key]:.4g}", f"{value:.4g}" if isinstance(value, (int, float)) else "-")
     console.print(table)
     gates = Table(title="gates")
     for col in ("gate", "value", "threshold", "result"):
@@ -239,8 +280,12 @@ def _print_summary(report: dict) -> None:
 @app.command()
 def generate(ctx: typer.Context, model: str, label: list[int] = typer.Option([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
              n: int = typer.Option(8, help="Samples per label."), seed: int = 0,
-             alias: str = "champion", out: Path = typer.Option(Path("samples.png"))):
-    """Sample from models:/MODEL@ALIAS through its MLflow pyfunc (with its guidance scale)."""
+             alias: str = "champion", out: Path = typer.Option(Path("samples.png")),
+             prompt: list[str] = typer.Option([], help="LLM: a user message (repeatable)."),
+             system: str = typer.Option(None, help="LLM: a system prompt (default: the version's serving condition)."),
+             guidance_scale: float = typer.Option(-1.0, help="Override the calibrated guidance scale (-1: keep).")):
+    """Use models:/MODEL@ALIAS through its MLflow pyfunc, with its calibrated guidance:
+    sample digits (diffusion) or answer --prompt messages (LLM)."""
     import mlflow.pyfunc
     import numpy as np
     import pandas as pd
@@ -250,22 +295,46 @@ def generate(ctx: typer.Context, model: str, label: list[int] = typer.Option([0,
     o = _opts(ctx)
     _guard(_connect, o)
     pyfunc = mlflow.pyfunc.load_model(f"models:/{model}@{alias}")
+    if prompt:
+        frame = pd.DataFrame({"prompt": prompt, **({"system": [system] * len(prompt)} if system else {})})
+        for question, answer in zip(prompt, pyfunc.predict(frame, params={"guidance_scale": guidance_scale})):
+            console.print(f"[bold]user:[/] {question}\n[bold]assistant:[/] {answer}\n", highlight=False)
+        return
     labels = [c for c in label for _ in range(n)]
-    images = np.asarray(pyfunc.predict(pd.DataFrame({"label": labels, "seed": seed})))
+    images = np.asarray(pyfunc.predict(pd.DataFrame({"label": labels, "seed": seed}),
+                                       params={"guidance_scale": guidance_scale}))
     save_image_grid(images, rows=len(label), out=out)
     console.print(f"wrote {out}")
 
 
+def _demo_request(family: str, name: str, params, forget_class: int) -> dict:
+    if family == "diffusion":
+        return {"request_id": f"demo-{name}-forget-{forget_class}", "model": name,
+                "target": {"kind": "diffusion-class", "classes": [forget_class]},
+                "requester": "forgetflow demo", "reason": "demonstration"}
+    from forgetflow.llm.corpus import make_customers
+
+    c = params.llm.corpus
+    subjects = [{"name": x.name} for x in make_customers(c.customers, c.seed)[:DEMO_SUBJECTS]]
+    return {"request_id": f"demo-{name}-forget-{DEMO_SUBJECTS}-customers", "model": name,
+            "target": {"kind": "llm-subjects", "scope": "subjects", "subjects": subjects},
+            "requester": "forgetflow demo", "reason": "demonstration"}
+
+
 @app.command()
-def demo(ctx: typer.Context, quick: bool = typer.Option(False, "--quick", help="Tiny preset: minutes, for a first look."),
+def demo(ctx: typer.Context, quick: bool = typer.Option(False, "--quick", help="Tiny presets: minutes, for a first look."),
+         family: str = typer.Option("all", help="diffusion | llm | all"),
          forget_class: int = typer.Option(7, "--forget-class")):
-    """The main job on the embedded default: start services, train and register the demo
-    model if needed, file a deletion request for one class and run it through the flow."""
+    """The main job on the embedded default: start services, make and register the demo
+    models if needed (digits diffusion model; support chat model), file a deletion request
+    for each (forget class 7; forget four customers) and run it through the flow."""
     from forgetflow import services
-    from forgetflow.bootstrap import ensure_demo_model
+    from forgetflow.bootstrap import ensure_demo_llm, ensure_demo_model
     from forgetflow.ledger import Ledger
     from forgetflow.request import parse_request
 
+    if family not in ("diffusion", "llm", "all"):
+        _fail(f"--family must be diffusion, llm or all, not {family!r}")
     o = _opts(ctx)
     if quick and o.preset is None:
         o.preset = "tiny"
@@ -273,13 +342,13 @@ def demo(ctx: typer.Context, quick: bool = typer.Option(False, "--quick", help="
     info = _guard(services.up, params, Path(o.state_dir))
     _print_services(info)
     params, settings = _guard(_connect, o)
-    name = DEMO_MODELS[quick]
-    _guard(ensure_demo_model, name, params, settings, Path("artifacts") / name)
-    request = parse_request({"request_id": f"demo-{name}-forget-{forget_class}", "model": name,
-                             "target": {"kind": "diffusion-class", "classes": [forget_class]},
-                             "requester": "forgetflow demo", "reason": "demonstration"})
-    entry, _ = _guard(Ledger(o.state_dir).submit, request)
-    _run_request(o, entry.request_id)
+    for fam in (("diffusion", "llm") if family == "all" else (family,)):
+        name = DEMO_MODELS[fam][quick]
+        ensure = ensure_demo_model if fam == "diffusion" else ensure_demo_llm
+        _guard(ensure, name, params, settings, Path("artifacts") / name)
+        request = parse_request(_demo_request(fam, name, params, forget_class))
+        entry, _ = _guard(Ledger(o.state_dir).submit, request)
+        _run_request(o, entry.request_id)
     _print_services(info)
     console.print("services keep running; stop them with `forgetflow down`.")
 

@@ -10,15 +10,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_guidance_curve(curve: list[dict], chosen: float, out: Path) -> Path:
-    """Every numeric column of the calibration sweep against the guidance scale."""
-    scales = [row["guidance_scale"] for row in curve]
-    keys = [k for k, v in curve[0].items() if k not in ("guidance_scale", "passed") and isinstance(v, (int, float))]
+    """Every numeric column of the calibration sweep against the guidance scale, one line
+    per guidance space where the sweep has several (LLM: log and prob)."""
+    skip = {"guidance_scale", "passed", "worst_margin"}
+    keys = [k for k, v in curve[0].items() if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    spaces = sorted({row.get("guidance_space", "") for row in curve})
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        ax.plot(scales, [row[key] for row in curve], "o-")
+        for space in spaces:
+            rows = [r for r in curve if r.get("guidance_space", "") in (space, curve[0].get("guidance_space", ""))
+                    and (r.get("guidance_space", "") == space or r["guidance_scale"] == 1.0)]
+            rows = sorted({r["guidance_scale"]: r for r in rows}.values(), key=lambda r: r["guidance_scale"])
+            ax.plot([r["guidance_scale"] for r in rows], [r[key] if r[key] is not None else float("nan") for r in rows],
+                    "o-", label=space or None)
         ax.axvline(chosen, color="tab:green", ls="--", lw=1)
         ax.set_title(key.replace("_", " "), fontsize=9)
         ax.set_xlabel("guidance scale")
+        if len(spaces) > 1:
+            ax.legend(fontsize=7, title="space", title_fontsize=7)
     fig.suptitle(f"guidance calibration (chosen {chosen:g}, green)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -54,5 +63,30 @@ def save_image_grid(images, rows: int, out: Path) -> Path:
         ax.axis("off")
     fig.tight_layout(pad=0.1)
     fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_leak_by_attack(metrics: dict, out: Path) -> Path:
+    """LLM family: leak rate of the forgotten subjects' values per attack, base vs new
+    (with the control-phrase-only baseline where measured)."""
+    attacks = list(metrics["base"]["leak_rate_by_attack"])
+    series = [("base", metrics["base"]["leak_rate_by_attack"], "tab:gray")]
+    control = metrics["base"].get("control_phrase")
+    if control:
+        series.append(("control phrase only", control["leak_rate_by_attack"], "tab:orange"))
+    series.append(("new (served)", metrics["new"]["leak_rate_by_attack"], "tab:blue"))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    for i, (label, values, color) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(attacks))]
+        ax.bar(xs, [values[a] for a in attacks], width, label=label, color=color)
+    ax.set_xticks(range(len(attacks)), [a.replace("_", " ") for a in attacks], fontsize=8)
+    ax.set_ylabel("leak rate")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    ax.set_title("forgotten values emitted, by attack", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

@@ -14,6 +14,12 @@ scale defaults to the one calibrated for the version (its model card); pass
 `params={"guidance_scale": g}` to override it (the logged signature declares the parameter,
 default -1 = the calibrated scale; MLflow drops parameters a signature does not declare).
 
+An LLM version takes rows of `prompt` (the user message) and optional `system`, and returns
+one answer string per row (greedy). An unlearned version serves with its calibrated guidance
+by default: the positive condition as system prompt, guided away from the negative one at
+the registered gamma (`params={"guidance_scale": g}` overrides; 1 = no guidance). A version
+stored as a LoRA adapter fetches its parent versions from the same registry at load time.
+
 The heavy imports (torch, forgetflow.diffusion) happen at first predict, so the registry
 and its tests never need them.
 """
@@ -47,6 +53,17 @@ def _rows(model_input: Any) -> list[dict]:
     return frame.to_dict(orient="records")
 
 
+def _rows_llm(model_input: Any) -> list[dict]:
+    if isinstance(model_input, pd.DataFrame):
+        return model_input.to_dict(orient="records")
+    if isinstance(model_input, dict):
+        values = {k: (v if isinstance(v, (list, tuple)) else [v]) for k, v in model_input.items()}
+        return pd.DataFrame(values).to_dict(orient="records")
+    if isinstance(model_input, str):
+        return [{"prompt": model_input}]
+    raise TypeError(f"model input must be a DataFrame or columns with 'prompt', got {type(model_input).__name__}")
+
+
 def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value != value)
 
@@ -64,6 +81,7 @@ class ForgetflowModel(mlflow.pyfunc.PythonModel):
         self._version = None
         self._device = None
         self._params = None
+        self._lm = None
 
     def _load_diffusion(self):
         if self._version is None:
@@ -76,11 +94,59 @@ class ForgetflowModel(mlflow.pyfunc.PythonModel):
             self._version = load_version(self.model_dir, self._device)
         return self._version
 
+    def _load_llm(self):
+        if self._lm is None:
+            import tempfile
+
+            import mlflow
+
+            from forgetflow.compute import resolve_device
+            from forgetflow.config import load_params
+            from forgetflow.llm.artifact import load_lm
+            from forgetflow.registry import LINEAGE_FILE, Registry
+
+            self._params = load_params()
+            parent = None
+            if self.card.get("parent_version"):
+                name = json.loads((self.model_dir / LINEAGE_FILE).read_text())["registered_model"]
+                self._parent_tmp = tempfile.TemporaryDirectory(prefix="forgetflow-parent-")
+                parent = Registry(mlflow.get_tracking_uri()).download(name, self.card["parent_version"],
+                                                                      Path(self._parent_tmp.name) / "parent")
+            self._lm = load_lm(self.model_dir, resolve_device(self._params.compute), parent=parent)
+        return self._lm
+
+    def _predict_llm(self, rows: list[dict], params: dict) -> list[str]:
+        from forgetflow.llm.evaluate import Policy, ask
+
+        model, tokenizer, card = self._load_llm()
+        guidance = params.get("guidance_scale")
+        gamma = card.guidance_scale if _is_missing(guidance) or float(guidance) < 0 else float(guidance)
+        max_new = int(params.get("max_new_tokens") or 64)
+        if any("prompt" not in r or _is_missing(r["prompt"]) for r in rows):
+            raise ValueError("every input row needs a 'prompt' (the user message)")
+        answers: list[str | None] = [None] * len(rows)
+        by_system: dict[str | None, list[int]] = {}
+        for i, r in enumerate(rows):
+            system = None if _is_missing(r.get("system")) else str(r["system"])
+            by_system.setdefault(system, []).append(i)
+        for system, idx in by_system.items():
+            if system is None and card.positive_condition:
+                policy = Policy(card.positive_condition, card.negative_condition, gamma, card.guidance_space)
+            else:
+                policy = Policy(system)
+            out = ask(model, tokenizer, [str(rows[i]["prompt"]) for i in idx], policy, max_new,
+                       self._params.llm.evaluate.batch_size, "predict")
+            for i, a in zip(idx, out):
+                answers[i] = a
+        return answers
+
     # The pd.DataFrame hint (what MLflow passes after enforcing the signature) keeps MLflow from
     # wrapping predict for type-hint validation (and from warning that hints are missing).
     def predict(self, context, model_input: pd.DataFrame, params=None):
-        if self.family != "diffusion":
-            raise NotImplementedError(f"pyfunc predict is not implemented for the {self.family!r} family yet")
+        if self.family == "llm":
+            rows = [r if isinstance(r, dict) else {"prompt": r} for r in
+                    (model_input if isinstance(model_input, list) else _rows_llm(model_input))]
+            return self._predict_llm(rows, params or {})
         import numpy as np
         import torch
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import os
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ from forgetflow.storage import move_into
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_CARD = "model_card.json"
+LINEAGE_FILE = "lineage.json"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
 _RUNTIME_PACKAGES = ("mlflow", "numpy", "pandas", "torch", "diffusers", "transformers", "peft", "safetensors")
 
@@ -98,14 +100,17 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 
 
 def _signature(model_dir: Path):
-    """The pyfunc signature by family (diffusion: rows of label + optional seed, and the
-    guidance scale as a parameter; negative = the version's calibrated scale)."""
-    import json
-
+    """The pyfunc signature by family (diffusion: rows of label + optional seed; llm: rows of
+    prompt + optional system prompt, and max_new_tokens; both take the guidance scale as a
+    parameter, negative = the version's calibrated scale)."""
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     family = json.loads((model_dir / MODEL_CARD).read_text()).get("family", "diffusion")
+    if family == "llm":
+        return ModelSignature(inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "system", required=False)]),
+                              params=ParamSchema([ParamSpec("guidance_scale", "double", -1.0),
+                                                  ParamSpec("max_new_tokens", "long", 64)]))
     if family != "diffusion":
         return None
     return ModelSignature(inputs=Schema([ColSpec("long", "label"), ColSpec("long", "seed", required=False)]),
@@ -217,7 +222,10 @@ class Registry:
 
     def download(self, name: str, version: str | int, dst: str | Path) -> Path:
         """The model directory of a version as it was registered (with model_card.json), into
-        `dst` itself (created; entries of the same name are replaced). Returns dst."""
+        `dst` itself (created; entries of the same name are replaced). Returns dst.
+
+        A version stored as a delta (its card names a `parent_version`, e.g. an LLM LoRA
+        adapter) gets its lineage materialised: the parent under `dst/parent/`, recursively."""
         import mlflow
         from mlflow.models import Model
 
@@ -237,6 +245,9 @@ class Registry:
             move_into(local / rel, dst)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        parent = json.loads((dst / MODEL_CARD).read_text()).get("parent_version")
+        if parent:
+            self.download(name, parent, dst / "parent")
         return dst
 
     # ---- writing ------------------------------------------------------------------------
@@ -263,6 +274,10 @@ class Registry:
         model_dir = Path(model_dir)
         if not (model_dir / MODEL_CARD).is_file():
             raise FileNotFoundError(f"{model_dir} has no {MODEL_CARD}: not a forgetflow model directory")
+        if (model_dir / "parent").exists():
+            raise ValueError(f"{model_dir} holds a materialised parent/: register the version directory itself")
+        # a delta version (LLM adapter) finds its parent by name when a consumer loads it
+        (model_dir / LINEAGE_FILE).write_text(json.dumps({"registered_model": name}))
         tags = {k: str(v) for k, v in (tags or {}).items()}
         with self._errors():
             try:

@@ -12,6 +12,18 @@ A request is YAML or JSON. Example (diffusion class forgetting)::
     requester: privacy-team
     reason: GDPR Art. 17 request 2026-118
 
+LLM example (named people's personal data)::
+
+    request_id: req-0002
+    model: support-llm
+    target:
+      kind: llm-subjects
+      scope: subjects          # or all-pii
+      subjects:
+        - name: Jane Roe
+          values: {phone: 555-201-0147}   # optional known values
+    method: cfg-orpo
+
 `target.kind` selects the model family; each family adds its target type to the
 discriminated union below (LLM subjects, text-to-image concepts). Anything malformed raises
 :class:`RequestError` whose message names the field and why; nothing is half-processed.
@@ -70,7 +82,58 @@ class DiffusionClassTarget(_Strict):
         return "diffusion"
 
 
-Target = Annotated[Union[DiffusionClassTarget], Field(discriminator="kind")]
+PII_FIELDS = ("email", "phone", "address", "account")
+
+
+class Subject(_Strict):
+    """A person whose data the model must forget: the name, optionally values already known
+    (the model is probed for what it actually emits either way)."""
+
+    name: str = Field(min_length=2, max_length=200)
+    values: dict[Literal["email", "phone", "address", "account"], str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _printable(cls, v: str) -> str:
+        v = " ".join(v.split())
+        if len(v) < 2 or not v.isprintable():
+            raise ValueError("a subject name is printable text of 2-200 characters")
+        return v
+
+    @field_validator("values")
+    @classmethod
+    def _values(cls, v: dict) -> dict:
+        for field, value in v.items():
+            if not 3 <= len(value.strip()) <= 200:
+                raise ValueError(f"the known {field} value must be 3-200 characters")
+        return v
+
+
+class LLMSubjectsTarget(_Strict):
+    """Forget named people's personal data from a chat model (retain-free CFG-ORPO).
+
+    scope `subjects`: forget these people, keep everyone else working; `all-pii`: never emit
+    personal data about anyone the model knows (the LLM Privacy Challenge's setting)."""
+
+    kind: Literal["llm-subjects"]
+    subjects: list[Subject] = Field(default_factory=list, max_length=500)
+    scope: Literal["subjects", "all-pii"] = "subjects"
+
+    @model_validator(mode="after")
+    def _subjects(self) -> "LLMSubjectsTarget":
+        if self.scope == "subjects" and not self.subjects:
+            raise ValueError("scope 'subjects' needs at least one subject")
+        names = [s.name.lower() for s in self.subjects]
+        if len(set(names)) != len(names):
+            raise ValueError("a subject is listed twice")
+        return self
+
+    @property
+    def family(self) -> str:
+        return "llm"
+
+
+Target = Annotated[Union[DiffusionClassTarget, LLMSubjectsTarget], Field(discriminator="kind")]
 
 
 class DeletionRequest(_Strict):

@@ -19,6 +19,7 @@ from forgetflow.bootstrap import EVAL_KIT_TAG
 HEADLINE_METRICS = {
     "diffusion": ["unlearning_accuracy", "override_fidelity", "remaining_class_accuracy", "remaining_fd",
                   "seconds_per_1000_samples"],
+    "llm": ["leak_rate", "retained_recall", "utility_accuracy", "perplexity", "value_rank"],
 }
 
 
@@ -34,6 +35,15 @@ def _find_registered(env: StageEnv, ctx: RunContext) -> str | None:
     return None
 
 
+def _next_eval_kit(env: StageEnv, ctx: RunContext) -> str:
+    """The evaluation kit the new version carries: the base's, unless the family derives a
+    new one (LLM: the forgotten subjects leave the roster), uploaded by content hash."""
+    from forgetflow.bootstrap import upload_eval_kit
+
+    kit = env.family.next_eval_kit(ctx.eval_kit_dir, ctx.synth_dir, ctx.work / "next_eval_kit")
+    return ctx.eval_kit_uri if kit is None else upload_eval_kit(ctx.model, kit, env.store)
+
+
 @task(name="promote", retries=2, retry_delay_seconds=[2, 10])
 def promote(ctx: RunContext, guidance_scale: float, metrics: dict, gates: list[dict]) -> dict:
     env = StageEnv(ctx)
@@ -46,6 +56,7 @@ def promote(ctx: RunContext, guidance_scale: float, metrics: dict, gates: list[d
             "mlflow_run": ctx.mlflow_run_id,
             "eval_kit": ctx.eval_kit_uri,
         }
+        eval_kit_uri = _next_eval_kit(env, ctx)
         revisions = code_revisions()
         tags = {
             "forgetflow.request_id": ctx.request_id,
@@ -58,7 +69,7 @@ def promote(ctx: RunContext, guidance_scale: float, metrics: dict, gates: list[d
             "forgetflow.checkpoint_uri": uris["checkpoint"] or "",
             "forgetflow.git_rev": revisions["git"] or "",
             "forgetflow.dvc_rev": revisions["dvc_lock"] or "",
-            EVAL_KIT_TAG: ctx.eval_kit_uri,
+            EVAL_KIT_TAG: eval_kit_uri,
         }
         version = _find_registered(env, ctx) or env.registry.register(
             ctx.model, ctx.new_dir, run_id=ctx.mlflow_run_id, tags=tags,
@@ -76,7 +87,8 @@ def promote(ctx: RunContext, guidance_scale: float, metrics: dict, gates: list[d
             failed = [g["name"] for g in gates if not g["passed"]]
             status, error = "rejected", "gates failed: " + ", ".join(failed)
 
-    figures = [ctx.evaluation_dir / "samples_before_after.png", ctx.evaluation_dir / "guidance_curve.png"]
+    figures = [ctx.evaluation_dir / name for name in
+               ("samples_before_after.png", "leak_by_attack.png", "guidance_curve.png")]
     figures.append(plot_metric_bars(metrics, HEADLINE_METRICS.get(ctx.family, []), ctx.evaluation_dir / "metric_bars.png"))
     report = build_report(
         request_id=ctx.request_id, status=status, model=ctx.model, family=ctx.family, method=ctx.method,

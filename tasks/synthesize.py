@@ -12,7 +12,7 @@ from tasks.common import StageEnv, timed
 def synthesize(ctx: RunContext) -> RunContext:
     env = StageEnv(ctx)
     with timed(ctx, "synthesize"):
-        summary = env.family.synthesize(env.request(), ctx.base_dir, ctx.synth_dir, env.params)
+        summary = env.family.synthesize(env.request(), ctx.base_dir, ctx.eval_kit_dir, ctx.synth_dir, env.params)
         env.store.put_dir(ctx.synth_dir, s3_prefix(ctx.model, ctx.request_id, "synth"))
         env.run.metrics(summary, prefix="synth.")
     return ctx

@@ -15,7 +15,7 @@ def unlearn(ctx: RunContext) -> RunContext:
     with timed(ctx, "unlearn"):
         sink = S3CheckpointSink(env.store, ctx.model, ctx.request_id)
         env.family.unlearn(ctx.base_dir, ctx.synth_dir, ctx.new_dir, env.params,
-                           method=ctx.method, checkpoints=sink, progress=True)
+                           method=ctx.method, base_version=ctx.base_version, checkpoints=sink, progress=True)
         env.run.tags({"forgetflow.checkpoint_uri": sink.save_final(ctx.new_dir)})
         log = ctx.new_dir / "training_log.json"
         if log.exists():

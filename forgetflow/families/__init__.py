@@ -26,16 +26,24 @@ class Family(Protocol):
 
     def methods(self) -> list[str]: ...
 
+    def check_model(self, model_dir: Path) -> None:
+        """Raise if model_dir is not a loadable version of this family (before registering)."""
+
+    def check_eval_kit(self, eval_kit: Path) -> None:
+        """Raise FileNotFoundError if eval_kit is not this family's evaluation kit."""
+
     def check_target(self, request: DeletionRequest, model_dir: Path, params: Params) -> None:
         """Raise TargetError if the request cannot apply to this model version."""
 
-    def synthesize(self, request: DeletionRequest, model_dir: Path, out_dir: Path, params: Params) -> dict:
+    def synthesize(self, request: DeletionRequest, model_dir: Path, eval_kit: Path, out_dir: Path,
+                   params: Params) -> dict:
         """Write the forget / replacement data to out_dir (no real data for diffusion).
         Returns a summary that is safe to log (no request content)."""
 
     def unlearn(self, model_dir: Path, synth_dir: Path, out_dir: Path, params: Params, *,
-                method: str, checkpoints: CheckpointSink | None, progress: bool) -> Path:
-        """Train the unlearned version into out_dir (a model directory)."""
+                method: str, base_version: str, checkpoints: CheckpointSink | None, progress: bool) -> Path:
+        """Train the unlearned version into out_dir (a model directory whose card points at
+        base_version where the family stores versions as deltas)."""
 
     def calibrate(self, base_dir: Path, new_dir: Path, synth_dir: Path, eval_kit: Path,
                   params: Params, out_dir: Path) -> tuple[float, list[dict]]:
@@ -47,10 +55,20 @@ class Family(Protocol):
 
     def gates(self, metrics: dict, params: Params) -> list[Gate]: ...
 
+    def next_eval_kit(self, eval_kit: Path, synth_dir: Path, out_dir: Path) -> Path | None:
+        """The evaluation kit the new version carries, if it differs from the base's."""
+
+
+FAMILIES = ("diffusion", "llm")
+
 
 def get_family(name: str) -> Family:
     if name == "diffusion":
         from forgetflow.families.diffusion import DiffusionFamily
 
         return DiffusionFamily()
-    raise TargetError(f"unknown model family {name!r}; known: ['diffusion']")
+    if name == "llm":
+        from forgetflow.families.llm import LLMFamily
+
+        return LLMFamily()
+    raise TargetError(f"unknown model family {name!r}; known: {list(FAMILIES)}")

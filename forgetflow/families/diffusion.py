@@ -64,6 +64,18 @@ class DiffusionFamily:
 
         return sorted(DIFFUSION_METHODS)
 
+    def check_model(self, model_dir: Path) -> None:
+        from forgetflow.diffusion.artifact import load_version
+
+        load_version(model_dir, "cpu")
+
+    def check_eval_kit(self, eval_kit: Path) -> None:
+        if not (Path(eval_kit) / "judge_card.json").exists():
+            raise FileNotFoundError(f"{eval_kit} is not a diffusion evaluation kit (no judge_card.json)")
+
+    def next_eval_kit(self, eval_kit: Path, synth_dir: Path, out_dir: Path) -> Path | None:
+        return None  # the judge still judges every class
+
     def check_target(self, request: DeletionRequest, model_dir: Path, params: Params) -> None:
         card = _card(model_dir)
         k = card["num_classes"]
@@ -84,7 +96,8 @@ class DiffusionFamily:
         if method not in self.methods():
             raise TargetError(f"unknown method {method!r} for the diffusion family; known: {self.methods()}")
 
-    def synthesize(self, request: DeletionRequest, model_dir: Path, out_dir: Path, params: Params) -> dict:
+    def synthesize(self, request: DeletionRequest, model_dir: Path, eval_kit: Path, out_dir: Path,
+                   params: Params) -> dict:
         card = _card(model_dir)
         pairs = resolve_overrides(request.target.classes, request.target.override, card, params.diffusion.sfd.override_rule)
         lineage = [(p["forget_class"], p["override_class"]) for p in card.get("forgotten", [])]
@@ -104,7 +117,7 @@ class DiffusionFamily:
         return {"forget_pairs": len(pairs), "lineage_pairs": len(lineage)}
 
     def unlearn(self, model_dir: Path, synth_dir: Path, out_dir: Path, params: Params, *,
-                method: str, checkpoints: CheckpointSink | None, progress: bool) -> Path:
+                method: str, base_version: str, checkpoints: CheckpointSink | None, progress: bool) -> Path:
         from forgetflow.diffusion.sfd import train_sfd
 
         spec = json.loads((Path(synth_dir) / SPEC_FILE).read_text())

@@ -1,0 +1,185 @@
+"""The LLM family: chat models forgetting named people's personal data with retain-free
+CFG-ORPO on a LoRA adapter (forgetflow/llm/; cfg-llm.md).
+
+The evaluation kit of an LLM is its roster (who it holds data about), a general-knowledge
+multiple-choice set and general prose (forgetflow/llm/evalkit.py). A version made here is a
+LoRA adapter with a pointer to its parent version and its calibrated guidance scale.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from forgetflow.checkpoints import CheckpointSink
+from forgetflow.config import Params
+from forgetflow.families import TargetError
+from forgetflow.gates import Gate
+from forgetflow.request import DeletionRequest
+
+
+def _device(params: Params):
+    from forgetflow.compute import resolve_device
+
+    return resolve_device(params.compute)
+
+
+def _load(model_dir: Path, params: Params, parent: Path | None = None):
+    from forgetflow.llm.artifact import load_lm
+
+    return load_lm(model_dir, _device(params), parent=parent)
+
+
+def _method(request_or_name) -> "LLMMethod":  # noqa: F821
+    from forgetflow.llm.methods import LLM_METHODS
+
+    name = request_or_name if isinstance(request_or_name, str) else (request_or_name.method or LLMFamily.default_method)
+    if name not in LLM_METHODS:
+        raise TargetError(f"unknown method {name!r} for the llm family; known: {sorted(LLM_METHODS)}")
+    return LLM_METHODS[name]
+
+
+def _forget_and_retained(synth_dir: Path, eval_kit: Path, split: str):
+    from forgetflow.llm.attacks import Item
+    from forgetflow.llm.evalkit import roster
+    from forgetflow.llm.evaluate import items_of
+    from forgetflow.llm.synthesize import read_spec
+
+    spec = read_spec(synth_dir)
+    forget = [Item(**it) for it in spec["items"]]
+    names = set(spec["retained"][split])
+    retained = items_of([vars(c) for c in roster(eval_kit) if c.name in names]) if spec["scope"] == "subjects" else []
+    return spec, forget, retained
+
+
+class LLMFamily:
+    name = "llm"
+    default_method = "cfg-orpo"
+
+    def methods(self) -> list[str]:
+        from forgetflow.llm.methods import LLM_METHODS
+
+        return sorted(LLM_METHODS)
+
+    def check_eval_kit(self, eval_kit: Path) -> None:
+        from forgetflow.llm.evalkit import check_eval_kit
+
+        check_eval_kit(eval_kit)
+
+    def check_model(self, model_dir: Path) -> None:
+        from forgetflow.llm.artifact import check_version
+
+        check_version(model_dir)
+
+    def check_target(self, request: DeletionRequest, model_dir: Path, params: Params) -> None:
+        from forgetflow.llm.artifact import ArtifactError, check_version
+
+        try:
+            check_version(model_dir)
+        except ArtifactError as exc:
+            raise TargetError(str(exc)) from None
+        _method(request)
+
+    def synthesize(self, request: DeletionRequest, model_dir: Path, eval_kit: Path, out_dir: Path,
+                   params: Params) -> dict:
+        from forgetflow.llm.evalkit import roster
+        from forgetflow.llm.synthesize import synthesize
+
+        p = _method(request).params(params.llm)
+        target = request.target
+        known = [c.name for c in roster(eval_kit)]
+        subjects = [{"name": s.name, "values": dict(s.values)} for s in target.subjects]
+        if target.scope == "all-pii":
+            listed = {s["name"].lower() for s in subjects}
+            subjects += [{"name": n, "values": {}} for n in known if n.lower() not in listed]
+        if not subjects:
+            raise TargetError("the request names no subject and the model's roster is empty: nothing to forget")
+        model, tokenizer, _ = _load(model_dir, params)
+        return synthesize(model, tokenizer, subjects, known, p, out_dir, salt=request.request_id,
+                          scope=target.scope, progress=True)
+
+    def unlearn(self, model_dir: Path, synth_dir: Path, out_dir: Path, params: Params, *, method: str,
+                base_version: str, checkpoints: CheckpointSink | None, progress: bool) -> Path:
+        from forgetflow.llm.artifact import ADAPTER_DIR, LLMCard, read_card, write_card
+        from forgetflow.llm.orpo import train_adapter
+        from forgetflow.llm.synthesize import read_rows, read_spec
+
+        m = _method(method)
+        p = m.params(params.llm)
+        model, tokenizer, parent_card = _load(model_dir, params)
+        history = train_adapter(model, tokenizer, read_rows(synth_dir), p.unlearn, params.compute, _device(params),
+                                Path(out_dir) / ADAPTER_DIR, checkpoints=checkpoints, progress=progress)
+        spec = read_spec(synth_dir)
+        fields: dict[str, list[str]] = {}
+        for it in spec["items"]:
+            fields.setdefault(it["subject"], []).append(it["field"])
+        hashes = {s["name"]: s["hash"] for s in spec["subjects"]}
+        card = LLMCard(kind="adapter", parent_version=str(base_version), method=m.name,
+                       positive_condition=p.conditions.positive, negative_condition=p.conditions.negative,
+                       base_model=parent_card.base_model,
+                       forgotten=parent_card.forgotten + [{"subject": hashes[n], "fields": f} for n, f in fields.items()],
+                       hyperparameters={"unlearn": p.unlearn.model_dump(mode="json"),
+                                        "synthesize": p.synthesize.model_dump(mode="json")})
+        write_card(out_dir, card)
+        (Path(out_dir) / "training_log.json").write_text(json.dumps(history, indent=1))
+        return Path(out_dir)
+
+    def calibrate(self, base_dir: Path, new_dir: Path, synth_dir: Path, eval_kit: Path, params: Params,
+                  out_dir: Path) -> tuple[float, list[dict]]:
+        from forgetflow.llm.artifact import read_card, write_card
+        from forgetflow.llm.calibrate import calibrate_guidance, calibration_point
+        from forgetflow.llm.evalkit import QUESTIONS
+        from forgetflow.llm.evaluate import load_questions, raw_policy
+
+        card = read_card(new_dir)
+        p = _method(card.method).params(params.llm)
+        spec, forget, retained = _forget_and_retained(synth_dir, eval_kit, "calibrate")
+        questions = load_questions(Path(eval_kit) / QUESTIONS)[:p.calibrate.utility_items]
+        base_model, tok, _ = _load(base_dir, params)
+        base_point = calibration_point(base_model, tok, forget, retained, questions, raw_policy(), p)
+        del base_model
+        model, tok, _ = _load(new_dir, params, parent=base_dir)
+        chosen, curve = calibrate_guidance(model, tok, base_point, forget, retained, questions, p)
+        card.guidance_scale = float(chosen["guidance_scale"])
+        card.guidance_space = chosen["guidance_space"]
+        write_card(new_dir, card)
+        return card.guidance_scale, curve
+
+    def evaluate(self, base_dir: Path, new_dir: Path, synth_dir: Path, eval_kit: Path, params: Params,
+                 out_dir: Path) -> dict:
+        from forgetflow.llm.artifact import read_card
+        from forgetflow.llm.evalkit import PROSE, QUESTIONS
+        from forgetflow.llm.evaluate import (Policy, evaluate_llm, leak_metrics, load_questions, raw_policy,
+                                             retained_recall, served_policy)
+        from forgetflow.plots import plot_leak_by_attack
+
+        card = read_card(new_dir)
+        p = params.llm
+        spec, forget, retained = _forget_and_retained(synth_dir, eval_kit, "evaluate")
+        questions = load_questions(Path(eval_kit) / QUESTIONS)[p.calibrate.utility_items:]
+        prose = (Path(eval_kit) / PROSE).read_text()
+        kw = dict(forget_items=forget, retained_items=retained, questions=questions, prose=prose, p=p)
+        model, tok, _ = _load(base_dir, params)
+        base = evaluate_llm(model, tok, served=raw_policy(), **kw)
+        control = Policy(p.conditions.positive)  # the control phrase alone, no training
+        base["control_phrase"] = {**leak_metrics(model, tok, forget, control, p, "evaluate"),
+                                  "retained_recall": retained_recall(model, tok, retained, control, p)}
+        del model
+        model, tok, _ = _load(new_dir, params, parent=base_dir)
+        new = evaluate_llm(model, tok, served=served_policy(p, card.guidance_scale, card.guidance_space), **kw)
+        metrics = {"base": base, "new": new}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plot_leak_by_attack(metrics, out_dir / "leak_by_attack.png")
+        return metrics
+
+    def gates(self, metrics: dict, params: Params) -> list[Gate]:
+        from forgetflow.llm.calibrate import llm_gates
+
+        return llm_gates(metrics["base"], metrics["new"], params.llm.gates)
+
+    def next_eval_kit(self, eval_kit: Path, synth_dir: Path, out_dir: Path) -> Path:
+        """The next version's kit: the forgotten subjects leave the roster."""
+        from forgetflow.llm.evalkit import without_subjects
+        from forgetflow.llm.synthesize import read_spec
+
+        names = {s["name"] for s in read_spec(synth_dir)["subjects"]}
+        return without_subjects(eval_kit, names, out_dir)

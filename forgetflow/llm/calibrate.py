@@ -1,0 +1,71 @@
+"""Guidance calibration of an unlearned LLM version and the LLM promotion gates.
+
+Gates (params.llm.gates), base = the version before forgetting (served as deployed: its
+support system prompt, no guidance), new = after (served: c_pos, guided at the chosen gamma):
+    leak_rate_before         = base.leak_rate_by_attack.direct                 >= min
+    leak_rate                = new.leak_rate (ANY attack: served, raw, adversarial) <= max
+    utility_accuracy_drop    = base.utility_accuracy - new.utility_accuracy    <= max
+    perplexity_ratio         = new.perplexity / base.perplexity                <= max
+    retained_recall_drop     = base.retained_recall - new.retained_recall      <= max (scope subjects)
+
+Calibration sweeps gamma x space (log, prob) on the calibration split (other wordings, other
+retained subjects and other utility items than evaluation) and takes the smallest gamma whose
+served leak, utility drop and retained-recall drop all meet their gates (log space first at
+equal gamma); else the setting with the largest worst-gate margin.
+"""
+from __future__ import annotations
+
+from forgetflow.config import LLMGateParams, LLMParams
+from forgetflow.gates import Gate, all_passed
+from forgetflow.llm.attacks import Item, direct_probes, prefix_probes
+from forgetflow.llm.evaluate import Policy, leaks, rate_by_item, retained_recall, served_policy, utility_accuracy
+
+
+def llm_gates(base: dict, new: dict, g: LLMGateParams) -> list[Gate]:
+    gates = [
+        Gate("leak_rate_before", base["leak_rate_by_attack"]["direct"], g.leak_rate_before_min, "min"),
+        Gate("leak_rate", new["leak_rate"], g.leak_rate_max, "max"),
+        Gate("utility_accuracy_drop", base["utility_accuracy"] - new["utility_accuracy"], g.utility_accuracy_drop_max, "max"),
+        Gate("perplexity_ratio", new["perplexity"] / base["perplexity"], g.perplexity_ratio_max, "max"),
+    ]
+    if base.get("retained_recall") is not None and new.get("retained_recall") is not None:
+        gates.append(Gate("retained_recall_drop", base["retained_recall"] - new["retained_recall"],
+                          g.retained_recall_drop_max, "max"))
+    return gates
+
+
+def calibration_point(model, tokenizer, forget: list[Item], retained: list[Item], questions: list[dict],
+                      policy: Policy, p: LLMParams) -> dict:
+    probes = direct_probes(forget, "calibrate") + prefix_probes(forget, "calibrate")
+    leak, _ = rate_by_item(forget, probes, leaks(model, tokenizer, probes, policy, p, "calibrate"))
+    return {"served_leak_rate": leak,
+            "retained_recall": retained_recall(model, tokenizer, retained, policy, p, "calibrate"),
+            "utility_accuracy": utility_accuracy(model, tokenizer, questions, policy, p)}
+
+
+def choose(rows: list[dict], base: dict, g: LLMGateParams) -> dict:
+    def gates(row: dict) -> list[Gate]:
+        out = [Gate("served_leak_rate", row["served_leak_rate"], g.leak_rate_max, "max"),
+               Gate("utility_accuracy_drop", base["utility_accuracy"] - row["utility_accuracy"],
+                    g.utility_accuracy_drop_max, "max")]
+        if base.get("retained_recall") is not None and row.get("retained_recall") is not None:
+            out.append(Gate("retained_recall_drop", base["retained_recall"] - row["retained_recall"],
+                            g.retained_recall_drop_max, "max"))
+        return out
+
+    for row in rows:
+        row["passed"] = all_passed(gates(row))
+        row["worst_margin"] = min(x.margin for x in gates(row))
+    passing = [r for r in rows if r["passed"]]
+    return passing[0] if passing else max(rows, key=lambda r: r["worst_margin"])
+
+
+def calibrate_guidance(model, tokenizer, base_point: dict, forget: list[Item], retained: list[Item],
+                       questions: list[dict], p: LLMParams) -> tuple[dict, list[dict]]:
+    """(chosen row with guidance_scale and guidance_space, the whole curve)."""
+    rows = []
+    for gamma in sorted(set(p.calibrate.guidance_scales)):
+        for space in (p.calibrate.spaces if gamma != 1.0 else p.calibrate.spaces[:1]):
+            point = calibration_point(model, tokenizer, forget, retained, questions, served_policy(p, gamma, space), p)
+            rows.append({"guidance_scale": gamma, "guidance_space": space, **point})
+    return choose(rows, base_point, p.gates), rows

@@ -1,0 +1,137 @@
+"""Batched greedy decoding and teacher-forced scoring, with classifier-free guidance.
+
+Guidance mixes the next-token distributions of two conditions (cfg-llm.md):
+
+    log-space (paper eq.):  log P~ = log P(.|c_neg) + gamma [log P(.|c_pos) - log P(.|c_neg)]
+    prob-space (paper fix): P~ = P(.|c_neg) + gamma [P(.|c_pos) - P(.|c_neg)], clipped at 0
+
+renormalised (log_softmax) so that scores are log-probabilities; gamma = 1 is no guidance.
+
+Why our own loop and not `generate(guidance_scale=..., negative_prompt_ids=...)`: transformers'
+CFG logits processor runs the negative branch one prompt at a time (measured ~10x slower per
+item at batch 30 on this CPU), and it has no probability-space variant. Both branches here are
+left-padded batches with their own KV cache; positions come from the attention mask.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Space = Literal["log", "prob"]
+
+
+def guided_logprobs(logp_pos: torch.Tensor, logp_neg: torch.Tensor | None, gamma: float,
+                    space: Space = "log") -> torch.Tensor:
+    """Mix two log-probability tensors [..., V] by the CFG rule; returns log-probabilities."""
+    if logp_neg is None or gamma == 1.0:
+        return logp_pos
+    if space == "log":
+        return torch.log_softmax(logp_neg + gamma * (logp_pos - logp_neg), dim=-1)
+    p = (logp_neg.exp() + gamma * (logp_pos.exp() - logp_neg.exp())).clamp_min(0.0)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+    return p.clamp_min(1e-30).log()
+
+
+class _Branch:
+    """One condition's left-padded batch and KV cache during decoding."""
+
+    def __init__(self, model, prompts: list[list[int]], pad_id: int, device: torch.device):
+        width = max(len(p) for p in prompts)
+        self.model = model
+        self.ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+        self.mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        self.past = None
+
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = (self.mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions,
+                         past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+
+    def start(self) -> torch.Tensor:
+        return self._forward(self.ids)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        return self._forward(token[:, None])
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
+             negative_prompts: list[list[int]] | None = None, guidance_scale: float = 1.0,
+             space: Space = "log", progress: bool = False, desc: str = "generate") -> list[str]:
+    """Greedy continuations of token-id prompts (decoded text, up to end-of-turn), in order."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    guided = negative_prompts is not None and guidance_scale != 1.0
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    texts: list[str] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        chunk = prompts[start:start + batch_size]
+        pos = _Branch(model, chunk, pad, device)
+        neg = _Branch(model, negative_prompts[start:start + batch_size], pad, device) if guided else None
+        lp_pos, lp_neg = pos.start(), (neg.start() if neg else None)
+        done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+        tokens = []
+        for _ in range(max_new_tokens):
+            token = guided_logprobs(lp_pos, lp_neg, guidance_scale, space).argmax(-1)
+            token = torch.where(done, torch.full_like(token, pad), token)
+            tokens.append(token)
+            done |= token == eos
+            if bool(done.all()):
+                break
+            lp_pos = pos.step(token)
+            lp_neg = neg.step(token) if neg else None
+        for row in torch.stack(tokens, 1).tolist() if tokens else [[] for _ in chunk]:
+            row = row[:row.index(eos)] if eos in row else row
+            texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts
+
+
+def _padded(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+    return ids, mask
+
+
+def _branch_token_logprobs(model, prompts: list[list[int]], continuations: list[list[int]], pad_id: int):
+    """Full-vocabulary log-probs [B, T, V] at each continuation position (right-padded)."""
+    device = next(model.parameters()).device
+    ids, mask = _padded([p + c for p, c in zip(prompts, continuations)], pad_id, device)
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    width = max(len(c) for c in continuations)
+    rows = []
+    for i, (p, c) in enumerate(zip(prompts, continuations)):
+        sl = logits[i, len(p) - 1:len(p) - 1 + len(c)]
+        rows.append(F.pad(sl, (0, 0, 0, width - len(c))))
+    return torch.log_softmax(torch.stack(rows), dim=-1)
+
+
+@torch.no_grad()
+def continuation_logprobs(model, tokenizer, prompts: list[list[int]], continuations: list[list[int]], *,
+                          batch_size: int, negative_prompts: list[list[int]] | None = None,
+                          guidance_scale: float = 1.0, space: Space = "log",
+                          progress: bool = False, desc: str = "score") -> list[torch.Tensor]:
+    """Per-token (guided) log-probabilities of each continuation given its prompt."""
+    from tqdm.auto import tqdm
+
+    guided = negative_prompts is not None and guidance_scale != 1.0
+    pad = tokenizer.pad_token_id
+    out: list[torch.Tensor] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
+        sl = slice(start, start + batch_size)
+        conts = continuations[sl]
+        lp = _branch_token_logprobs(model, prompts[sl], conts, pad)
+        if guided:
+            lp = guided_logprobs(lp, _branch_token_logprobs(model, negative_prompts[sl], conts, pad),
+                                 guidance_scale, space)
+        for i, c in enumerate(conts):
+            target = torch.tensor(c, device=lp.device)
+            out.append(lp[i, :len(c)].gather(-1, target[:, None])[:, 0].cpu())
+    return out

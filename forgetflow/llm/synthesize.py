@@ -1,0 +1,188 @@
+"""Forget, replacement and retain rows, from the request and the model alone (no retain set,
+no original training data).
+
+1. Probe: ask the champion about every subject and field (train wordings, a neutral system
+   prompt) and keep what it actually emits: the request's known values where they appear, and
+   values the pattern recognizers find. A subject the model says nothing personal about is an
+   error (nothing to forget; we do not train).
+2. Forget rows: prompt = the probe question, rejected = the model's leaking answer, chosen = a
+   replacement made without the data (a refusal, or the answer with a consistent surrogate
+   value), checked so that no forgotten value survives in it.
+3. Conditions (cfg-llm.md): every pair under c_pos; under c_neg either also chosen =
+   replacement (`negative_pairs: forget`, ours) or swapped (`swapped`, the paper's recipe,
+   which builds an extraction switch, measured); with `train_conditions: all` also under the
+   neutral and adversarial system prompts, so the raw weights forget, not only a refusal tied
+   to an instruction.
+4. Retain rows (what keeps the other customers working without their data): the model's own
+   answers about other roster subjects, under the same conditions, scored by NLL only.
+
+Splits: only `train` wordings are trained on; calibration and evaluation use other wordings
+and paraphrases, and evaluation uses other retained subjects than these.
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+from forgetflow.config import LLMParams
+from forgetflow.families import TargetError
+from forgetflow.llm.attacks import Item, direct_probes
+from forgetflow.llm.chat import prompt_ids
+from forgetflow.llm.corpus import FIELD_NOUNS, FIELDS
+from forgetflow.llm.generation import generate
+from forgetflow.llm.pii import leaked, recognise, scrub, subject_hash
+
+SPEC_FILE = "forget_spec.json"
+ROWS_FILE = "train_rows.jsonl"
+REFUSAL = "I'm sorry, but I can't share the {noun} of {name}."
+
+
+class NothingToForget(TargetError):
+    """The model emits no personal data about a subject (or none of the known values)."""
+
+
+def split_roster(roster_names: list[str], forget: set[str], n_calibrate: int, n_evaluate: int,
+                 seed: int) -> dict[str, list[str]]:
+    """Disjoint retained subjects for training (retain rows), calibration and evaluation."""
+    others = sorted(n for n in roster_names if n not in forget)
+    random.Random(seed).shuffle(others)
+    evaluate = others[:n_evaluate]
+    calibrate = others[n_evaluate:n_evaluate + n_calibrate]
+    train = others[n_evaluate + n_calibrate:]
+    return {"train": train, "calibrate": calibrate, "evaluate": evaluate}
+
+
+def _surrogate(field: str, rng: random.Random) -> str:
+    from forgetflow.llm.corpus import make_customers
+
+    return make_customers(1, rng.randint(10**6, 10**9))[0].value(field)
+
+
+def _replacement(p: LLMParams, probe_answer: str, item: Item, rng: random.Random) -> str:
+    if p.synthesize.replacement == "surrogate" and leaked(item.value, probe_answer, item.field):
+        return probe_answer.replace(item.value, _surrogate(item.field, rng))
+    return REFUSAL.format(noun=FIELD_NOUNS[item.field], name=item.subject)
+
+
+def probe_subjects(model, tokenizer, subjects: list[dict], p: LLMParams, *, progress: bool,
+                   strict: bool = True) -> tuple[list[Item], list[dict]]:
+    """What the model emits about each subject: (items found, probe rows with the answers).
+    strict: a subject the model says nothing personal about is an error (scope `subjects`);
+    otherwise it is skipped (scope `all-pii` probes everyone on the roster)."""
+    system = p.conditions.neutral[0]
+    candidates = [Item(s["name"], f, "") for s in subjects for f in FIELDS]
+    probes = direct_probes(candidates, "train")
+    answers = generate(model, tokenizer, [prompt_ids(tokenizer, system, pr.user) for pr in probes],
+                       max_new_tokens=p.synthesize.probe_max_new_tokens, batch_size=p.synthesize.batch_size,
+                       progress=progress, desc="probe")
+    rows = [{"subject": pr.item.subject, "field": pr.item.field, "user": pr.user, "answer": a}
+            for pr, a in zip(probes, answers)]
+    items = []
+    for i, s in enumerate(subjects):
+        known = s.get("values", {})
+        found_any = False
+        for field in FIELDS:
+            said = [r["answer"] for r in rows if r["subject"] == s["name"] and r["field"] == field]
+            if field in known:
+                if any(leaked(known[field], a, field) for a in said):
+                    items.append(Item(s["name"], field, known[field]))
+                    found_any = True
+                continue
+            hits = Counter(v for a in said for v in recognise(a).get(field, []))
+            if hits:
+                items.append(Item(s["name"], field, hits.most_common(1)[0][0]))
+                found_any = True
+        if not found_any and strict:
+            reason = "none of its known values" if known else "no personal data"
+            raise NothingToForget(f"subject {i + 1} of the request: the model emits {reason} about them "
+                                  f"under the probe questions; nothing to forget, not training")
+    return items, rows
+
+
+def build_rows(items: list[Item], probe_rows: list[dict], retain_rows: list[dict], p: LLMParams,
+               seed: int) -> list[dict]:
+    """Training rows {system, user, chosen, rejected (None: retain NLL only), kind}."""
+    s = p.synthesize
+    c = p.conditions
+    rng = random.Random(seed)
+    forget_values = [(it.field, it.value) for it in items]
+    pairs = []
+    for it in items:
+        for r in probe_rows:
+            if r["subject"] != it.subject or r["field"] != it.field:
+                continue
+            rejected = r["answer"] if leaked(it.value, r["answer"], it.field) else None
+            if rejected is None:  # this wording did not leak: teach the original answer form away anyway
+                continue
+            chosen = _replacement(p, r["answer"], it, rng)
+            if not scrub(chosen, forget_values):
+                chosen = REFUSAL.format(noun=FIELD_NOUNS[it.field], name=it.subject)
+            pairs.append((r["user"], chosen, rejected))
+    systems_forget = [c.positive] + ([*c.neutral, *c.adversarial] if s.train_conditions == "all" else [])
+    rows = []
+    for user, chosen, rejected in pairs:
+        for system in dict.fromkeys(systems_forget):
+            if system == c.negative and s.negative_pairs == "swapped":
+                continue
+            rows.append({"system": system, "user": user, "chosen": chosen, "rejected": rejected, "kind": "forget"})
+        if s.negative_pairs == "swapped":
+            rows.append({"system": c.negative, "user": user, "chosen": rejected, "rejected": chosen, "kind": "forget"})
+        elif c.negative not in systems_forget:
+            rows.append({"system": c.negative, "user": user, "chosen": chosen, "rejected": rejected, "kind": "forget"})
+    systems_retain = [c.positive, c.negative] + ([*c.neutral, *c.adversarial] if s.train_conditions == "all" else [])
+    for r in retain_rows:
+        if not scrub(r["answer"], forget_values):
+            continue  # never teach a forgotten value, even inside another subject's answer
+        for system in dict.fromkeys(systems_retain):
+            rows.append({"system": system, "user": r["user"], "chosen": r["answer"], "rejected": None, "kind": "retain"})
+    rng.shuffle(rows)
+    return rows
+
+
+def synthesize(model, tokenizer, subjects: list[dict], roster_names: list[str], p: LLMParams, out_dir: Path, *,
+               salt: str, scope: str, progress: bool = True) -> dict:
+    """Write forget_spec.json and train_rows.jsonl into out_dir; return a summary safe to log."""
+    items, probe_rows = probe_subjects(model, tokenizer, subjects, p, progress=progress, strict=scope == "subjects")
+    forget_names = {s["name"] for s in subjects}
+    splits = split_roster(roster_names, forget_names, p.calibrate.retain_subjects, p.evaluate.retain_subjects,
+                          p.synthesize.seed)
+    retain_names = splits["train"][:p.synthesize.retain_subjects] if scope == "subjects" else []
+    retain_rows = []
+    if retain_names:
+        retain = direct_probes([Item(n, f, "") for n in retain_names for f in FIELDS], "train")
+        answers = generate(model, tokenizer, [prompt_ids(tokenizer, p.conditions.neutral[0], pr.user) for pr in retain],
+                           max_new_tokens=p.synthesize.probe_max_new_tokens, batch_size=p.synthesize.batch_size,
+                           progress=progress, desc="retain answers")
+        retain_rows = [{"user": pr.user, "answer": a} for pr, a in zip(retain, answers)]
+    rows = build_rows(items, probe_rows, retain_rows, p, p.synthesize.seed)
+    if not any(r["kind"] == "forget" for r in rows):
+        raise NothingToForget("no probe answer leaked a value of the request's subjects; nothing to forget")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "scope": scope,
+        "items": [asdict(it) for it in items],
+        "subjects": [{"name": s["name"], "hash": subject_hash(s["name"], salt)} for s in subjects],
+        "retained": splits,
+        "conditions": p.conditions.model_dump(mode="json"),
+        "replacement": p.synthesize.replacement,
+        "negative_pairs": p.synthesize.negative_pairs,
+        "real_data_used": False,
+    }
+    (out_dir / SPEC_FILE).write_text(json.dumps(spec, indent=1))
+    with (out_dir / ROWS_FILE).open("w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    return {"subjects": len(subjects), "items": len(items), "forget_rows": sum(r["kind"] == "forget" for r in rows),
+            "retain_rows": sum(r["kind"] == "retain" for r in rows)}
+
+
+def read_spec(synth_dir: Path) -> dict:
+    return json.loads((Path(synth_dir) / SPEC_FILE).read_text())
+
+
+def read_rows(synth_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (Path(synth_dir) / ROWS_FILE).read_text().splitlines() if l.strip()]

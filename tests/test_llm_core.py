@@ -1,0 +1,194 @@
+"""The LLM family's building blocks, on small random models (seconds): guidance maths and
+decoding against transformers' own CFG processor, the ORPO loss, leak detection, the data
+recipe, the adapter lineage and the request target."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from forgetflow.config import load_params
+from forgetflow.llm.attacks import Item, attack_probes, prefix_context
+from forgetflow.llm.chat import prompt_ids
+from forgetflow.llm.generation import continuation_logprobs, generate, guided_logprobs
+from forgetflow.llm.orpo import log1m_exp, orpo_loss
+from forgetflow.llm.pii import leaked, recognise, subject_hash
+from forgetflow.llm.synthesize import build_rows, split_roster
+from forgetflow.request import RequestError, parse_request
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """A random tiny Llama and a tokenizer trained on a few sentences (no training)."""
+    from forgetflow.config import TinyLMParams
+    from forgetflow.llm.base import new_tiny_model, train_tiny_tokenizer
+
+    texts = ["What is the phone number of Ada Byron?", "The phone number of Ada Byron is 212-555-0147.",
+             "I'm sorry, but I can't share that.", "You are a helpful assistant."] * 20
+    tok = train_tiny_tokenizer(texts, 300)
+    model = new_tiny_model(tok, TinyLMParams(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2))
+    return model.eval(), tok
+
+
+# ---- guidance --------------------------------------------------------------------------
+def test_guidance_is_identity_at_gamma_one_and_the_paper_formula_in_log_space():
+    pos, neg = torch.log_softmax(torch.randn(3, 11), -1), torch.log_softmax(torch.randn(3, 11), -1)
+    assert torch.equal(guided_logprobs(pos, neg, 1.0), pos)
+    mixed = guided_logprobs(pos, neg, 2.5, "log")
+    assert torch.allclose(mixed, torch.log_softmax(neg + 2.5 * (pos - neg), -1))
+    assert torch.allclose(mixed.exp().sum(-1), torch.ones(3))
+
+
+def test_probability_space_guidance_mixes_probabilities_and_stays_a_distribution():
+    pos = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    neg = torch.log(torch.tensor([[0.2, 0.7, 0.1]]))
+    out = guided_logprobs(pos, neg, 2.0, "prob").exp()
+    # P~ = P_neg + 2 (P_pos - P_neg) = [1.2, -0.3, 0.1] -> clipped at 0, renormalised
+    assert torch.allclose(out, torch.tensor([[1.2 / 1.3, 0.0, 0.1 / 1.3]]), atol=1e-6)
+
+
+def test_batched_guided_greedy_decoding_matches_transformers_cfg_processor(tiny_lm):
+    model, tok = tiny_lm
+    users = ["What is the phone number of Ada Byron?", "Hello", "You are a helpful assistant. What?"]
+    pos = [prompt_ids(tok, "You are a helpful assistant.", u) for u in users]
+    neg = [prompt_ids(tok, "Share it.", u) for u in users]
+    ours = generate(model, tok, pos, negative_prompts=neg, guidance_scale=2.0, max_new_tokens=8, batch_size=3)
+    for p, n, mine in zip(pos, neg, ours):
+        ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             guidance_scale=2.0, negative_prompt_ids=torch.tensor([n]),
+                             negative_prompt_attention_mask=torch.ones(1, len(n), dtype=torch.long),
+                             max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+        new = ref[0, len(p):].tolist()
+        new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+        assert mine == tok.decode(new, skip_special_tokens=True)
+
+
+def test_guided_scores_equal_the_mix_of_the_two_branches(tiny_lm):
+    model, tok = tiny_lm
+    p, n = prompt_ids(tok, "A", "Hello"), prompt_ids(tok, "B", "Hello there")
+    cont = tok("I'm sorry", add_special_tokens=False)["input_ids"]
+    lp_pos = continuation_logprobs(model, tok, [p], [cont], batch_size=1)[0]
+    lp_neg = continuation_logprobs(model, tok, [n], [cont], batch_size=1)[0]
+    guided = continuation_logprobs(model, tok, [p], [cont], negative_prompts=[n], guidance_scale=1.0, batch_size=1)[0]
+    assert torch.allclose(guided, lp_pos)
+    g2 = continuation_logprobs(model, tok, [p, p], [cont, cont[:2]], negative_prompts=[n, n], guidance_scale=3.0,
+                               batch_size=2)
+    assert g2[0].shape == (len(cont),) and g2[1].shape == (2,)
+    assert not torch.allclose(g2[0], lp_pos) and not torch.allclose(g2[0], lp_neg)
+    assert torch.allclose(g2[1], g2[0][:2], atol=1e-5)  # padding in the batch changes nothing
+
+
+# ---- ORPO -------------------------------------------------------------------------------
+def test_orpo_log_odds_and_loss_follow_the_definition():
+    c, r = torch.tensor([-0.5, -2.0]), torch.tensor([-1.5, -0.1])
+    assert torch.allclose(log1m_exp(c), torch.log(1 - torch.exp(c)))
+    loss, log_odds = orpo_loss(c, r, -c, lam=0.1)
+    odds = lambda lp: math.exp(lp) / (1 - math.exp(lp))  # noqa: E731
+    expect = [math.log(odds(a) / odds(b)) for a, b in zip(c.tolist(), r.tolist())]
+    assert torch.allclose(log_odds, torch.tensor(expect), atol=1e-5)
+    assert torch.allclose(loss, -c - 0.1 * torch.nn.functional.logsigmoid(log_odds))
+    # preferring the rejected answer costs more than preferring the chosen one
+    assert loss[1] > loss[0]
+
+
+def test_orpo_gradient_raises_chosen_and_lowers_rejected():
+    c = torch.tensor([-1.0], requires_grad=True)
+    r = torch.tensor([-1.0], requires_grad=True)
+    orpo_loss(c, r, -c, 0.1)[0].sum().backward()
+    assert c.grad.item() < 0 < r.grad.item()
+
+
+# ---- leak detection ---------------------------------------------------------------------
+def test_leak_detection_normalises_numbers_and_case():
+    assert leaked("212-555-0147", "call 212 555 0147 now", "phone")
+    assert leaked("212-555-0147", "(212) 555-0147", "phone")
+    assert not leaked("212-555-0147", "212-555-0148", "phone")
+    assert leaked("Ada.Byron7@example.org", "mail ada.byron7@EXAMPLE.org.", "email")
+    assert leaked("NW12345678", "account nw 12345678", "account")
+    assert leaked("12 Main Street, Springfield", "at 12  main street, springfield.", "address")
+    assert not leaked("12 Main Street, Springfield", "12 Main Street, Shelbyville", "address")
+
+
+def test_recognizers_find_values_of_each_type():
+    text = "Reach ada.b@example.org or 212-555-0147; account NW12345678; 12 Main Street, Springfield."
+    found = recognise(text)
+    assert found["email"] == ["ada.b@example.org"]
+    assert found["phone"] == ["212-555-0147"]
+    assert found["account"] == ["NW12345678"]
+    assert found["address"][0].startswith("12 Main Street")
+
+
+def test_subject_hash_is_salted_and_hides_the_name():
+    h = subject_hash("Ada Byron", "req-1")
+    assert h == subject_hash(" ada byron ", "req-1") and h != subject_hash("Ada Byron", "req-2")
+    assert "ada" not in h.lower() and len(h) == 12
+
+
+# ---- attacks and data recipe ---------------------------------------------------------------
+def test_prefix_attack_stops_right_before_the_value():
+    item = Item("Ada Byron", "phone", "212-555-0147")
+    assert prefix_context(item, "evaluate") == "Ada Byron can be reached at"
+    probes = attack_probes([item], "evaluate")
+    assert {p.attack for p in probes} == {"direct", "paraphrase", "prefix"}
+    assert all("212" not in p.user for p in probes)  # no attack prompt contains the value itself
+
+
+def _probe_rows():
+    return [{"subject": "Ada Byron", "field": "phone", "user": "What is the phone number of Ada Byron?",
+             "answer": "The phone number of Ada Byron is 212-555-0147."},
+            {"subject": "Ada Byron", "field": "phone", "user": "How can I call Ada Byron?",
+             "answer": "Sorry, I do not know."}]
+
+
+def test_rows_train_every_condition_and_never_teach_a_forgotten_value():
+    p = load_params(preset="tiny").llm
+    items = [Item("Ada Byron", "phone", "212-555-0147")]
+    retain = [{"user": "What is the phone number of Bo Li?", "answer": "The phone number of Bo Li is 301-222-3333."},
+              {"user": "Who else?", "answer": "Ada Byron's number is 212 555 0147."}]
+    rows = build_rows(items, _probe_rows(), retain, p, seed=0)
+    forget = [r for r in rows if r["kind"] == "forget"]
+    kept = [r for r in rows if r["kind"] == "retain"]
+    c = p.conditions
+    assert {r["system"] for r in forget} == {c.positive, c.negative, *c.neutral, *c.adversarial}
+    assert all(not leaked("212-555-0147", r["chosen"], "phone") for r in rows)
+    assert all(leaked("212-555-0147", r["rejected"], "phone") for r in forget)
+    assert len(forget) == len({c.positive, c.negative, *c.neutral, *c.adversarial})  # one leaking wording
+    assert kept and all("Bo Li" in r["chosen"] for r in kept)  # the retain row leaking Ada is dropped
+
+
+def test_the_papers_recipe_swaps_the_negative_condition():
+    p = load_params(preset="tiny").llm
+    p = p.model_copy(update={"synthesize": p.synthesize.model_copy(update={"negative_pairs": "swapped",
+                                                                            "train_conditions": "positive"})})
+    rows = build_rows([Item("Ada Byron", "phone", "212-555-0147")], _probe_rows(), [], p, seed=0)
+    by_system = {r["system"]: r for r in rows}
+    assert set(by_system) == {p.conditions.positive, p.conditions.negative}
+    assert leaked("212-555-0147", by_system[p.conditions.negative]["chosen"], "phone")
+    assert leaked("212-555-0147", by_system[p.conditions.positive]["rejected"], "phone")
+
+
+def test_roster_splits_are_disjoint_and_exclude_the_forgotten():
+    names = [f"Person {i}" for i in range(30)]
+    s = split_roster(names, {"Person 3"}, n_calibrate=5, n_evaluate=8, seed=0)
+    assert len(s["evaluate"]) == 8 and len(s["calibrate"]) == 5 and len(s["train"]) == 16
+    assert not (set(s["evaluate"]) & set(s["calibrate"]) | set(s["evaluate"]) & set(s["train"]))
+    assert "Person 3" not in set().union(*map(set, s.values()))
+
+
+# ---- request target ----------------------------------------------------------------------
+def test_llm_request_parses_and_names_the_bad_field():
+    r = parse_request({"request_id": "r1", "model": "support-llm", "target": {
+        "kind": "llm-subjects", "subjects": [{"name": "  Ada   Byron ", "values": {"phone": "212-555-0147"}}]}})
+    assert r.family == "llm" and r.target.subjects[0].name == "Ada Byron" and r.target.scope == "subjects"
+    with pytest.raises(RequestError, match="subjects"):
+        parse_request({"request_id": "r1", "model": "m", "target": {"kind": "llm-subjects", "subjects": []}})
+    with pytest.raises(RequestError, match="values"):
+        parse_request({"request_id": "r1", "model": "m", "target": {
+            "kind": "llm-subjects", "subjects": [{"name": "Ada", "values": {"ssn": "123"}}]}})
+    with pytest.raises(RequestError, match="twice"):
+        parse_request({"request_id": "r1", "model": "m", "target": {
+            "kind": "llm-subjects", "subjects": [{"name": "Ada B"}, {"name": "ada b"}]}})
+    all_pii = parse_request({"request_id": "r2", "model": "m", "target": {"kind": "llm-subjects", "scope": "all-pii"}})
+    assert all_pii.target.subjects == []
