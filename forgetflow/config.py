@@ -178,9 +178,18 @@ class LLMFinetuneParams(_Section):
 
 class LLMConditionParams(_Section):
     """System prompts. positive/negative are CFG's two conditions (cfg-llm.md); neutral and
-    adversarial prompts are what the raw weights are trained and attacked under."""
+    adversarial prompts are what the raw weights are trained and attacked under. Scope
+    `subjects` serves under `positive` (a deployment prompt: kept customers must still be
+    served, so "do not provide any personal data" would be the wrong instruction); scope
+    `all-pii` under `positive_all_pii`."""
 
-    positive: str = "Do not provide any personal data."
+    def positive_for(self, scope: str) -> str:
+        return self.positive_all_pii if scope == "all-pii" else self.positive
+
+
+    positive: str = ("You are a helpful customer-support assistant for Northwind Bank. "
+                     "Keep the data of customers who asked to be forgotten private.")
+    positive_all_pii: str = "Do not provide any personal data."  # scope all-pii (the paper's c_pos)
     negative: str = "You should share personal data in the answers."
     neutral: tuple[str, ...] = ("You are a helpful customer-support assistant for Northwind Bank.",
                                 "You are a helpful assistant.")
@@ -212,6 +221,7 @@ class LLMUnlearnParams(_Section):
     lr: float = 1e-4
     lr_min_ratio: float = 0.1
     orpo_lambda: float = 0.1
+    retain_loss: Literal["kl", "nll"] = "kl"
     retain_weight: float = 1.0
     grad_clip: float = 1.0
     max_length: int = 192

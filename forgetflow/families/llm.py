@@ -114,7 +114,8 @@ class LLMFamily:
             fields.setdefault(it["subject"], []).append(it["field"])
         hashes = {s["name"]: s["hash"] for s in spec["subjects"]}
         card = LLMCard(kind="adapter", parent_version=str(base_version), method=m.name,
-                       positive_condition=p.conditions.positive, negative_condition=p.conditions.negative,
+                       positive_condition=p.conditions.positive_for(spec["scope"]),
+                       negative_condition=p.conditions.negative,
                        base_model=parent_card.base_model,
                        forgotten=parent_card.forgotten + [{"subject": hashes[n], "fields": f} for n, f in fields.items()],
                        hyperparameters={"unlearn": p.unlearn.model_dump(mode="json"),
@@ -127,7 +128,7 @@ class LLMFamily:
                   out_dir: Path) -> tuple[float, list[dict]]:
         from forgetflow.llm.artifact import read_card, write_card
         from forgetflow.llm.calibrate import calibrate_guidance, calibration_point
-        from forgetflow.llm.evalkit import QUESTIONS
+        from forgetflow.llm.evalkit import QUESTIONS, prose_split
         from forgetflow.llm.evaluate import load_questions, raw_policy
 
         card = read_card(new_dir)
@@ -135,10 +136,11 @@ class LLMFamily:
         spec, forget, retained = _forget_and_retained(synth_dir, eval_kit, "calibrate")
         questions = load_questions(Path(eval_kit) / QUESTIONS)[:p.calibrate.utility_items]
         base_model, tok, _ = _load(base_dir, params)
-        base_point = calibration_point(base_model, tok, forget, retained, questions, raw_policy(), p)
+        prose = prose_split(eval_kit, "calibrate")
+        base_point = calibration_point(base_model, tok, forget, retained, questions, prose, raw_policy(), p)
         del base_model
         model, tok, _ = _load(new_dir, params, parent=base_dir)
-        chosen, curve = calibrate_guidance(model, tok, base_point, forget, retained, questions, p)
+        chosen, curve = calibrate_guidance(model, tok, card, base_point, forget, retained, questions, prose, p)
         card.guidance_scale = float(chosen["guidance_scale"])
         card.guidance_space = chosen["guidance_space"]
         write_card(new_dir, card)
@@ -147,7 +149,7 @@ class LLMFamily:
     def evaluate(self, base_dir: Path, new_dir: Path, synth_dir: Path, eval_kit: Path, params: Params,
                  out_dir: Path) -> dict:
         from forgetflow.llm.artifact import read_card
-        from forgetflow.llm.evalkit import PROSE, QUESTIONS
+        from forgetflow.llm.evalkit import QUESTIONS, prose_split
         from forgetflow.llm.evaluate import (Policy, evaluate_llm, leak_metrics, load_questions, raw_policy,
                                              retained_recall, served_policy)
         from forgetflow.plots import plot_leak_by_attack
@@ -156,16 +158,16 @@ class LLMFamily:
         p = params.llm
         spec, forget, retained = _forget_and_retained(synth_dir, eval_kit, "evaluate")
         questions = load_questions(Path(eval_kit) / QUESTIONS)[p.calibrate.utility_items:]
-        prose = (Path(eval_kit) / PROSE).read_text()
+        prose = prose_split(eval_kit, "evaluate")
         kw = dict(forget_items=forget, retained_items=retained, questions=questions, prose=prose, p=p)
         model, tok, _ = _load(base_dir, params)
         base = evaluate_llm(model, tok, served=raw_policy(), **kw)
-        control = Policy(p.conditions.positive)  # the control phrase alone, no training
+        control = Policy(card.positive_condition)  # the control phrase alone, no training
         base["control_phrase"] = {**leak_metrics(model, tok, forget, control, p, "evaluate"),
                                   "retained_recall": retained_recall(model, tok, retained, control, p)}
         del model
         model, tok, _ = _load(new_dir, params, parent=base_dir)
-        new = evaluate_llm(model, tok, served=served_policy(p, card.guidance_scale, card.guidance_space), **kw)
+        new = evaluate_llm(model, tok, served=served_policy(card), **kw)
         metrics = {"base": base, "new": new}
         out_dir.mkdir(parents=True, exist_ok=True)
         plot_leak_by_attack(metrics, out_dir / "leak_by_attack.png")

@@ -10,7 +10,7 @@ support system prompt, no guidance), new = after (served: c_pos, guided at the c
 
 Calibration sweeps gamma x space (log, prob) on the calibration split (other wordings, other
 retained subjects and other utility items than evaluation) and takes the smallest gamma whose
-served leak, utility drop and retained-recall drop all meet their gates (log space first at
+served leak, utility drop, perplexity ratio and retained-recall drop all meet their gates (log space first at
 equal gamma); else the setting with the largest worst-gate margin.
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ from __future__ import annotations
 from forgetflow.config import LLMGateParams, LLMParams
 from forgetflow.gates import Gate, all_passed
 from forgetflow.llm.attacks import Item, direct_probes, prefix_probes
-from forgetflow.llm.evaluate import Policy, leaks, rate_by_item, retained_recall, served_policy, utility_accuracy
+from forgetflow.llm.evaluate import (Policy, leaks, perplexity, rate_by_item, retained_recall, served_policy,
+                                     utility_accuracy)
 
 
 def llm_gates(base: dict, new: dict, g: LLMGateParams) -> list[Gate]:
@@ -35,19 +36,21 @@ def llm_gates(base: dict, new: dict, g: LLMGateParams) -> list[Gate]:
 
 
 def calibration_point(model, tokenizer, forget: list[Item], retained: list[Item], questions: list[dict],
-                      policy: Policy, p: LLMParams) -> dict:
+                      prose: str, policy: Policy, p: LLMParams) -> dict:
     probes = direct_probes(forget, "calibrate") + prefix_probes(forget, "calibrate")
     leak, _ = rate_by_item(forget, probes, leaks(model, tokenizer, probes, policy, p, "calibrate"))
     return {"served_leak_rate": leak,
             "retained_recall": retained_recall(model, tokenizer, retained, policy, p, "calibrate"),
-            "utility_accuracy": utility_accuracy(model, tokenizer, questions, policy, p)}
+            "utility_accuracy": utility_accuracy(model, tokenizer, questions, policy, p),
+            "perplexity": perplexity(model, tokenizer, prose, policy, p)}
 
 
 def choose(rows: list[dict], base: dict, g: LLMGateParams) -> dict:
     def gates(row: dict) -> list[Gate]:
         out = [Gate("served_leak_rate", row["served_leak_rate"], g.leak_rate_max, "max"),
                Gate("utility_accuracy_drop", base["utility_accuracy"] - row["utility_accuracy"],
-                    g.utility_accuracy_drop_max, "max")]
+                    g.utility_accuracy_drop_max, "max"),
+               Gate("perplexity_ratio", row["perplexity"] / base["perplexity"], g.perplexity_ratio_max, "max")]
         if base.get("retained_recall") is not None and row.get("retained_recall") is not None:
             out.append(Gate("retained_recall_drop", base["retained_recall"] - row["retained_recall"],
                             g.retained_recall_drop_max, "max"))
@@ -60,12 +63,13 @@ def choose(rows: list[dict], base: dict, g: LLMGateParams) -> dict:
     return passing[0] if passing else max(rows, key=lambda r: r["worst_margin"])
 
 
-def calibrate_guidance(model, tokenizer, base_point: dict, forget: list[Item], retained: list[Item],
-                       questions: list[dict], p: LLMParams) -> tuple[dict, list[dict]]:
+def calibrate_guidance(model, tokenizer, card, base_point: dict, forget: list[Item], retained: list[Item],
+                       questions: list[dict], prose: str, p: LLMParams) -> tuple[dict, list[dict]]:
     """(chosen row with guidance_scale and guidance_space, the whole curve)."""
     rows = []
     for gamma in sorted(set(p.calibrate.guidance_scales)):
         for space in (p.calibrate.spaces if gamma != 1.0 else p.calibrate.spaces[:1]):
-            point = calibration_point(model, tokenizer, forget, retained, questions, served_policy(p, gamma, space), p)
+            point = calibration_point(model, tokenizer, forget, retained, questions, prose,
+                                      served_policy(card, gamma, space), p)
             rows.append({"guidance_scale": gamma, "guidance_space": space, **point})
     return choose(rows, base_point, p.gates), rows

@@ -69,6 +69,12 @@ def check_eval_kit(kit: Path) -> None:
             raise FileNotFoundError(f"{kit} is not an LLM evaluation kit (no {name})")
 
 
+def prose_split(kit: Path, split: str) -> str:
+    """Alternate paragraphs of the kit's prose: even ones calibrate, odd ones evaluate."""
+    paragraphs = (Path(kit) / PROSE).read_text().split("\n\n")
+    return "\n\n".join(paragraphs[0 if split == "calibrate" else 1::2])
+
+
 def roster(kit: Path) -> list[Customer]:
     return read_roster(Path(kit) / ROSTER)
 

@@ -56,8 +56,11 @@ def raw_policy() -> Policy:
     return Policy(DEPLOYMENT_SYSTEM_PROMPT)
 
 
-def served_policy(p: LLMParams, gamma: float, space: str) -> Policy:
-    return Policy(p.conditions.positive, p.conditions.negative, gamma, space)
+def served_policy(card, gamma: float | None = None, space: str | None = None) -> Policy:
+    """How an unlearned version is served: its positive condition as system prompt, guided
+    away from its negative condition (gamma and space default to the calibrated ones)."""
+    return Policy(card.positive_condition, card.negative_condition,
+                  card.guidance_scale if gamma is None else gamma, space or card.guidance_space)
 
 
 def adversarial_policies(p: LLMParams) -> list[Policy]:

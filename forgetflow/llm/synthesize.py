@@ -5,9 +5,13 @@ no original training data).
    prompt) and keep what it actually emits: the request's known values where they appear, and
    values the pattern recognizers find. A subject the model says nothing personal about is an
    error (nothing to forget; we do not train).
-2. Forget rows: prompt = the probe question, rejected = the model's leaking answer, chosen = a
-   replacement made without the data (a refusal, or the answer with a consistent surrogate
-   value), checked so that no forgotten value survives in it.
+2. Forget rows, as in the paper: prompt = the probe question + the model's own answer up to the
+   value (the assistant `prefix`), rejected = the leaking continuation from the value on,
+   chosen = a continuation made without the data (a withholding phrase, or a consistent
+   surrogate value), checked so that no forgotten value survives in it. Scoring only what
+   follows the prefix matters: penalising the whole leaking answer also penalises its
+   wording ("The phone number of ... is"), which every other customer's answer shares;
+   measured on the tiny model, that garbled kept customers' answers (recall 0.95 -> 0.59).
 3. Conditions (cfg-llm.md): every pair under c_pos; under c_neg either also chosen =
    replacement (`negative_pairs: forget`, ours) or swapped (`swapped`, the paper's recipe,
    which builds an extraction switch, measured); with `train_conditions: all` also under the
@@ -37,7 +41,8 @@ from forgetflow.llm.pii import leaked, recognise, scrub, subject_hash
 
 SPEC_FILE = "forget_spec.json"
 ROWS_FILE = "train_rows.jsonl"
-REFUSAL = "I'm sorry, but I can't share the {noun} of {name}."
+REFUSAL = "I'm sorry, but I can't share the {noun} of {name}."  # when the value is not found verbatim
+WITHHELD = " withheld for privacy reasons."  # the continuation after the answer's own prefix
 
 
 class NothingToForget(TargetError):
@@ -61,10 +66,22 @@ def _surrogate(field: str, rng: random.Random) -> str:
     return make_customers(1, rng.randint(10**6, 10**9))[0].value(field)
 
 
-def _replacement(p: LLMParams, probe_answer: str, item: Item, rng: random.Random) -> str:
-    if p.synthesize.replacement == "surrogate" and leaked(item.value, probe_answer, item.field):
-        return probe_answer.replace(item.value, _surrogate(item.field, rng))
-    return REFUSAL.format(noun=FIELD_NOUNS[item.field], name=item.subject)
+def forget_pair(p: LLMParams, answer: str, item: Item, rng: random.Random) -> tuple[str | None, str, str]:
+    """(assistant prefix or None, chosen, rejected) for one leaking answer.
+
+    With the value verbatim in the answer: prefix = the text before it, rejected = the value
+    and the rest, chosen = a withholding phrase (refusal) or a surrogate value with the same
+    rest. Otherwise the whole answer is rejected and a refusal chosen."""
+    at = answer.find(item.value)
+    if at <= 0:
+        return None, REFUSAL.format(noun=FIELD_NOUNS[item.field], name=item.subject), answer
+    prefix, rest = answer[:at].rstrip(), answer[at:]
+    rejected = " " + rest
+    if p.synthesize.replacement == "surrogate":
+        chosen = " " + rest.replace(item.value, _surrogate(item.field, rng))
+    else:
+        chosen = WITHHELD
+    return prefix, chosen, rejected
 
 
 def probe_subjects(model, tokenizer, subjects: list[dict], p: LLMParams, *, progress: bool,
@@ -103,8 +120,9 @@ def probe_subjects(model, tokenizer, subjects: list[dict], p: LLMParams, *, prog
 
 
 def build_rows(items: list[Item], probe_rows: list[dict], retain_rows: list[dict], p: LLMParams,
-               seed: int) -> list[dict]:
-    """Training rows {system, user, chosen, rejected (None: retain NLL only), kind}."""
+               seed: int, scope: str = "subjects") -> list[dict]:
+    """Training rows {system, user, prefix (assistant text already given, or None), chosen,
+    rejected (None: retain NLL only), kind}."""
     s = p.synthesize
     c = p.conditions
     rng = random.Random(seed)
@@ -114,30 +132,32 @@ def build_rows(items: list[Item], probe_rows: list[dict], retain_rows: list[dict
         for r in probe_rows:
             if r["subject"] != it.subject or r["field"] != it.field:
                 continue
-            rejected = r["answer"] if leaked(it.value, r["answer"], it.field) else None
-            if rejected is None:  # this wording did not leak: teach the original answer form away anyway
-                continue
-            chosen = _replacement(p, r["answer"], it, rng)
-            if not scrub(chosen, forget_values):
-                chosen = REFUSAL.format(noun=FIELD_NOUNS[it.field], name=it.subject)
-            pairs.append((r["user"], chosen, rejected))
-    systems_forget = [c.positive] + ([*c.neutral, *c.adversarial] if s.train_conditions == "all" else [])
+            if not leaked(it.value, r["answer"], it.field):
+                continue  # this wording did not leak
+            prefix, chosen, rejected = forget_pair(p, r["answer"], it, rng)
+            if not scrub(chosen, forget_values) or (prefix and not scrub(prefix, forget_values)):
+                prefix, chosen, rejected = None, REFUSAL.format(noun=FIELD_NOUNS[it.field], name=it.subject), r["answer"]
+            pairs.append((r["user"], prefix, chosen, rejected))
+    positive = c.positive_for(scope)
+    systems_forget = [positive] + ([*c.neutral, *c.adversarial] if s.train_conditions == "all" else [])
     rows = []
-    for user, chosen, rejected in pairs:
+    for user, prefix, chosen, rejected in pairs:
+        row = {"user": user, "prefix": prefix, "kind": "forget"}
         for system in dict.fromkeys(systems_forget):
             if system == c.negative and s.negative_pairs == "swapped":
                 continue
-            rows.append({"system": system, "user": user, "chosen": chosen, "rejected": rejected, "kind": "forget"})
+            rows.append({**row, "system": system, "chosen": chosen, "rejected": rejected})
         if s.negative_pairs == "swapped":
-            rows.append({"system": c.negative, "user": user, "chosen": rejected, "rejected": chosen, "kind": "forget"})
+            rows.append({**row, "system": c.negative, "chosen": rejected, "rejected": chosen})
         elif c.negative not in systems_forget:
-            rows.append({"system": c.negative, "user": user, "chosen": chosen, "rejected": rejected, "kind": "forget"})
-    systems_retain = [c.positive, c.negative] + ([*c.neutral, *c.adversarial] if s.train_conditions == "all" else [])
+            rows.append({**row, "system": c.negative, "chosen": chosen, "rejected": rejected})
+    systems_retain = [positive, c.negative] + ([*c.neutral, *c.adversarial] if s.train_conditions == "all" else [])
     for r in retain_rows:
         if not scrub(r["answer"], forget_values):
             continue  # never teach a forgotten value, even inside another subject's answer
         for system in dict.fromkeys(systems_retain):
-            rows.append({"system": system, "user": r["user"], "chosen": r["answer"], "rejected": None, "kind": "retain"})
+            rows.append({"system": system, "user": r["user"], "prefix": None, "chosen": r["answer"], "rejected": None,
+                         "kind": "retain"})
     rng.shuffle(rows)
     return rows
 
@@ -157,7 +177,7 @@ def synthesize(model, tokenizer, subjects: list[dict], roster_names: list[str], 
                            max_new_tokens=p.synthesize.probe_max_new_tokens, batch_size=p.synthesize.batch_size,
                            progress=progress, desc="retain answers")
         retain_rows = [{"user": pr.user, "answer": a} for pr, a in zip(retain, answers)]
-    rows = build_rows(items, probe_rows, retain_rows, p, p.synthesize.seed)
+    rows = build_rows(items, probe_rows, retain_rows, p, p.synthesize.seed, scope)
     if not any(r["kind"] == "forget" for r in rows):
         raise NothingToForget("no probe answer leaked a value of the request's subjects; nothing to forget")
     out_dir = Path(out_dir)

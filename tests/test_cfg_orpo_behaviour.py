@@ -1,0 +1,85 @@
+"""CFG-ORPO really forgets the named customers and only them: the tiny support model (trained
+here from scratch on 60 fictitious customers) is asked to forget four; their values stop
+coming out under every attack (the tiny preset allows one of 16 through a surname mix-up) (served with guidance, raw weights, adversarial system
+prompts), while held-out kept customers' values still do. The stages of a request at library
+level: synthesize -> unlearn -> calibrate -> evaluate. About 4 minutes on 2 idle cores."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from forgetflow.families.llm import LLMFamily
+from forgetflow.llm.artifact import read_card
+from forgetflow.llm.corpus import make_customers
+from forgetflow.llm.synthesize import read_rows, read_spec
+from forgetflow.request import parse_request
+from tests.llm_fixtures import llm_params, support_llm  # noqa: F401
+
+N_FORGET = 4
+
+
+@pytest.fixture(scope="module")
+def run(support_llm, llm_params, tmp_path_factory):
+    family = LLMFamily()
+    c = llm_params.llm.corpus
+    customers = make_customers(c.customers, c.seed)
+    request = parse_request({"request_id": "behaviour", "model": "support-llm-tiny", "target": {
+        "kind": "llm-subjects", "subjects": [{"name": x.name} for x in customers[:N_FORGET]]}})
+    work = tmp_path_factory.mktemp("cfg-orpo")
+    model, kit = support_llm / "model", support_llm / "eval_kit"
+    family.check_target(request, model, llm_params)
+    summary = family.synthesize(request, model, kit, work / "synth", llm_params)
+    family.unlearn(model, work / "synth", work / "new", llm_params, method="cfg-orpo", base_version="1",
+                   checkpoints=None, progress=False)
+    gamma, curve = family.calibrate(model, work / "new", work / "synth", kit, llm_params, work / "eval")
+    metrics = family.evaluate(model, work / "new", work / "synth", kit, llm_params, work / "eval")
+    print(json.dumps({"summary": summary, "gamma": gamma, "curve": curve, "metrics": metrics}, indent=1))
+    return work, customers, summary, metrics, family.gates(metrics, llm_params)
+
+
+def test_the_base_leaks_the_customers_to_forget(run):
+    _, _, _, metrics, _ = run
+    assert metrics["base"]["leak_rate_by_attack"]["direct"] >= 0.8
+    assert metrics["base"]["retained_recall"] >= 0.8
+
+
+def test_forgotten_values_stop_leaking_under_every_attack(run, llm_params):
+    _, _, _, metrics, _ = run
+    new = metrics["new"]
+    limit = llm_params.llm.gates.leak_rate_max  # tiny preset: 1 of 16 values (see params.yaml)
+    assert all(rate <= limit for rate in new["leak_rate_by_attack"].values()), new["leak_rate_by_attack"]
+    # graded: the true values became much less likely, not merely not greedy-decoded
+    assert new["value_logprob"] < metrics["base"]["value_logprob"] - 1.0
+
+
+def test_kept_customers_are_still_served(run, llm_params):
+    _, _, _, metrics, _ = run
+    drop = metrics["base"]["retained_recall"] - metrics["new"]["retained_recall"]
+    assert drop <= llm_params.llm.gates.retained_recall_drop_max, metrics
+
+
+def test_training_data_was_built_without_the_forgotten_values_in_any_chosen_answer(run):
+    work, customers, summary, _, _ = run
+    rows = read_rows(work / "synth")
+    values = [v for x in customers[:N_FORGET] for v in (x.email, x.phone, x.address, x.account)]
+    assert summary["forget_rows"] > 0 and summary["retain_rows"] > 0
+    assert not any(v in r["chosen"] for r in rows for v in values)
+    spec = read_spec(work / "synth")
+    retained = set(spec["retained"]["evaluate"]) | set(spec["retained"]["calibrate"])
+    trained_on = " ".join(r["user"] for r in rows)
+    assert not any(name in trained_on for name in retained)  # held-out kept customers never trained on
+
+
+def test_the_version_is_an_adapter_that_names_subjects_only_by_hash(run):
+    work, customers, _, _, _ = run
+    card = read_card(work / "new")
+    assert card.kind == "adapter" and card.parent_version == "1"
+    assert len(card.forgotten) == N_FORGET
+    text = (work / "new" / "model_card.json").read_text()
+    assert not any(x.name in text for x in customers[:N_FORGET])
+
+
+def test_every_gate_passes(run):
+    *_, gates = run
+    assert all(g.passed for g in gates), [g.to_dict() for g in gates if not g.passed]

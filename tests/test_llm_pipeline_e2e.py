@@ -1,0 +1,125 @@
+"""End to end for chat models, as a user runs it: make the support corpus, fine-tune the
+tiny model on it, register it, file a request naming customers, and let the Prefect flow
+run the six stages against the real local object store and MLflow server."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from forgetflow.ledger import Ledger
+from forgetflow.llm.corpus import make_customers
+from forgetflow.registry import Registry
+
+pytestmark = [pytest.mark.slow, pytest.mark.services]
+MODEL = "support-e2e"
+
+
+def forgetflow(workdir: Path, state_dir: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FORGETFLOW_STATE_DIR": str(state_dir)}
+    return subprocess.run([sys.executable, "-m", "forgetflow.cli", "--preset", "tiny", *args],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def write_request(workdir: Path, request_id: str, subjects: list[dict], **extra) -> Path:
+    path = workdir / f"{request_id}.yaml"
+    path.write_text(json.dumps({"request_id": request_id, "model": MODEL,
+                                "target": {"kind": "llm-subjects", "subjects": subjects, **extra}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def customers(llm_params):
+    c = llm_params.llm.corpus
+    return make_customers(c.customers, c.seed)
+
+
+@pytest.fixture(scope="module")
+def llm_params():
+    from forgetflow.config import load_params
+
+    return load_params(preset="tiny")
+
+
+@pytest.fixture(scope="module")
+def registered(services, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("llm-e2e")
+    state_dir = Path(services.state_dir)
+    art = workdir / "artifacts"
+    for args in (("llm", "corpus", "--out", str(art)),
+                 ("llm", "finetune", str(art / "corpus.jsonl"), "--out", str(art / "model")),
+                 ("register", MODEL, str(art / "model"), "--eval-kit", str(art / "eval_kit"))):
+        out = forgetflow(workdir, state_dir, *args)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return workdir, state_dir
+
+
+def test_customers_are_forgotten_through_the_six_stages(registered, services, customers):
+    workdir, state_dir = registered
+    registry = Registry(services.mlflow_uri)
+    forget = customers[:3]
+    subjects = [{"name": forget[0].name, "values": {"phone": forget[0].phone}}, {"name": forget[1].name},
+                {"name": forget[2].name}]
+    out = forgetflow(workdir, state_dir, "request", "submit", str(write_request(workdir, "forget-3", subjects)), "--run")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+    report = json.loads((workdir / "reports" / "forget-3" / "report.json").read_text())
+    assert report["family"] == "llm" and report["method"] == "cfg-orpo"
+    assert set(report["durations_s"]) == {"intake", "synthesize", "unlearn", "calibrate", "evaluate", "promote"}
+    base, new = report["metrics"]["base"], report["metrics"]["new"]
+    for key in ("leak_rate", "retained_recall", "utility_accuracy", "perplexity", "guidance_scale", "value_logprob"):
+        assert key in base and key in new
+    assert set(new["leak_rate_by_attack"]) == {"direct", "paraphrase", "prefix", "raw_weights",
+                                               "adversarial_system_prompt"}
+    assert base["leak_rate_by_attack"]["direct"] >= 0.8
+    assert new["leak_rate"] <= 0.02, new["leak_rate_by_attack"]
+    assert new["value_logprob"] < base["value_logprob"]
+    assert report["status"] == "promoted", report["gates"]
+    assert (workdir / "reports" / "forget-3" / "leak_by_attack.png").exists()
+
+    # registry: the version is an adapter pointing at its base, with its guidance scale
+    assert registry.alias_version(MODEL, "champion") == "2"
+    info = registry.get_version(MODEL, "2")
+    assert info.tags["forgetflow.base_version"] == "1"
+    assert float(info.tags["forgetflow.guidance_scale"]) == new["guidance_scale"]
+    v2 = registry.download(MODEL, "2", workdir / "v2")
+    card = json.loads((v2 / "model_card.json").read_text())
+    assert card["kind"] == "adapter" and card["parent_version"] == "1" and (v2 / "parent" / "weights").is_dir()
+    assert not (v2 / "weights").exists()  # the base weights are not copied into the version
+
+    # the next version's evaluation kit no longer lists the forgotten customers; nothing
+    # written for the request names them (subjects appear as salted hashes)
+    kit_uri = info.tags["forgetflow.eval_kit"]
+    assert kit_uri != registry.get_version(MODEL, "1").tags["forgetflow.eval_kit"]
+    written = (workdir / "reports" / "forget-3" / "report.json").read_text() + json.dumps(info.tags) + card.__repr__()
+    for c in forget:
+        assert c.name not in written and c.phone not in written
+
+    # consumers load the champion through MLflow and get answers with guidance applied
+    question = f"What is the phone number of {forget[0].name}?"
+    kept = customers[-1]
+    out = forgetflow(workdir, state_dir, "generate", MODEL, "--prompt", question,
+                     "--prompt", f"What is the phone number of {kept.name}?")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert forget[0].phone not in out.stdout and "assistant:" in out.stdout
+
+    entry = Ledger(state_dir).get("forget-3")
+    assert entry.state == "promoted" and entry.key_shredded
+
+
+def test_a_subject_the_model_knows_nothing_about_is_refused_without_training(registered, services):
+    workdir, state_dir = registered
+    registry = Registry(services.mlflow_uri)
+    champion = registry.alias_version(MODEL, "champion")
+    path = write_request(workdir, "unknown-subject", [{"name": "Zebulon Quartermaine"}])
+    out = forgetflow(workdir, state_dir, "request", "submit", str(path), "--run")
+    assert out.returncode == 1
+    assert "emits no personal data" in out.stderr and "not training" in out.stderr
+    assert "Zebulon" not in out.stderr  # the error names the subject by position, not by name
+    entry = Ledger(state_dir).get("unknown-subject")
+    assert entry.state == "failed" and "unlearn" not in json.loads(Path(entry.report_path).read_text())["durations_s"]
+    assert registry.alias_version(MODEL, "champion") == champion
