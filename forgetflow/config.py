@@ -204,6 +204,7 @@ class LLMSynthesizeParams(_Section):
     negative_pairs: Literal["forget", "swapped"] = "forget"  # swapped: the paper's c_neg rows
     train_conditions: Literal["positive", "all"] = "all"  # all: + neutral and adversarial prompts
     retain_subjects: int = Field(10, ge=0)  # roster subjects the model answers about itself
+    min_agreement: int = Field(3, ge=1)  # probe wordings a recognised value must appear in
     probe_max_new_tokens: int = 48
     batch_size: int = 32
     seed: int = 0

@@ -58,7 +58,7 @@ def registered(services, tmp_path_factory):
     return workdir, state_dir
 
 
-def test_customers_are_forgotten_through_the_six_stages(registered, services, customers):
+def test_customers_are_forgotten_through_the_six_stages(registered, services, customers, llm_params):
     workdir, state_dir = registered
     registry = Registry(services.mlflow_uri)
     forget = customers[:3]
@@ -76,7 +76,7 @@ def test_customers_are_forgotten_through_the_six_stages(registered, services, cu
     assert set(new["leak_rate_by_attack"]) == {"direct", "paraphrase", "prefix", "raw_weights",
                                                "adversarial_system_prompt"}
     assert base["leak_rate_by_attack"]["direct"] >= 0.8
-    assert new["leak_rate"] <= 0.02, new["leak_rate_by_attack"]
+    assert new["leak_rate"] <= llm_params.llm.gates.leak_rate_max, new["leak_rate_by_attack"]
     assert new["value_logprob"] < base["value_logprob"]
     assert report["status"] == "promoted", report["gates"]
     assert (workdir / "reports" / "forget-3" / "leak_by_attack.png").exists()

@@ -86,7 +86,8 @@ class LLMFamily:
 
         p = _method(request).params(params.llm)
         target = request.target
-        known = [c.name for c in roster(eval_kit)]
+        people = roster(eval_kit)
+        known = [c.name for c in people]
         subjects = [{"name": s.name, "values": dict(s.values)} for s in target.subjects]
         if target.scope == "all-pii":
             listed = {s["name"].lower() for s in subjects}
@@ -94,7 +95,7 @@ class LLMFamily:
         if not subjects:
             raise TargetError("the request names no subject and the model's roster is empty: nothing to forget")
         model, tokenizer, _ = _load(model_dir, params)
-        return synthesize(model, tokenizer, subjects, known, p, out_dir, salt=request.request_id,
+        return synthesize(model, tokenizer, subjects, people, p, out_dir, salt=request.request_id,
                           scope=target.scope, progress=True)
 
     def unlearn(self, model_dir: Path, synth_dir: Path, out_dir: Path, params: Params, *, method: str,

@@ -3,8 +3,10 @@ no original training data).
 
 1. Probe: ask the champion about every subject and field (train wordings, a neutral system
    prompt) and keep what it actually emits: the request's known values where they appear, and
-   values the pattern recognizers find. A subject the model says nothing personal about is an
-   error (nothing to forget; we do not train).
+   values the pattern recognizers find in at least `min_agreement` wordings that are not
+   another listed person's (a model asked about a stranger often answers with some other
+   customer's data; forgetting that would erase the wrong person). A subject the model says
+   nothing personal about is an error (nothing to forget; we do not train).
 2. Forget rows, as in the paper: prompt = the probe question + the model's own answer up to the
    value (the assistant `prefix`), rejected = the leaking continuation from the value on,
    chosen = a continuation made without the data (a withholding phrase, or a consistent
@@ -37,7 +39,7 @@ from forgetflow.llm.attacks import Item, direct_probes
 from forgetflow.llm.chat import prompt_ids
 from forgetflow.llm.corpus import FIELD_NOUNS, FIELDS
 from forgetflow.llm.generation import generate
-from forgetflow.llm.pii import leaked, recognise, scrub, subject_hash
+from forgetflow.llm.pii import leaked, normalise, recognise, scrub, subject_hash
 
 SPEC_FILE = "forget_spec.json"
 ROWS_FILE = "train_rows.jsonl"
@@ -85,7 +87,7 @@ def forget_pair(p: LLMParams, answer: str, item: Item, rng: random.Random) -> tu
 
 
 def probe_subjects(model, tokenizer, subjects: list[dict], p: LLMParams, *, progress: bool,
-                   strict: bool = True) -> tuple[list[Item], list[dict]]:
+                   strict: bool = True, others: dict[str, set[str]] | None = None) -> tuple[list[Item], list[dict]]:
     """What the model emits about each subject: (items found, probe rows with the answers).
     strict: a subject the model says nothing personal about is an error (scope `subjects`);
     otherwise it is skipped (scope `all-pii` probes everyone on the roster)."""
@@ -108,8 +110,10 @@ def probe_subjects(model, tokenizer, subjects: list[dict], p: LLMParams, *, prog
                     items.append(Item(s["name"], field, known[field]))
                     found_any = True
                 continue
-            hits = Counter(v for a in said for v in recognise(a).get(field, []))
-            if hits:
+            not_theirs = (others or {}).get(s["name"], set())
+            hits = Counter(v for a in said for v in set(recognise(a).get(field, []))
+                           if normalise(field, v) not in not_theirs)
+            if hits and hits.most_common(1)[0][1] >= p.synthesize.min_agreement:
                 items.append(Item(s["name"], field, hits.most_common(1)[0][0]))
                 found_any = True
         if not found_any and strict:
@@ -162,10 +166,21 @@ def build_rows(items: list[Item], probe_rows: list[dict], retain_rows: list[dict
     return rows
 
 
-def synthesize(model, tokenizer, subjects: list[dict], roster_names: list[str], p: LLMParams, out_dir: Path, *,
+def _others_values(roster: list, subjects: list[dict]) -> dict[str, set[str]]:
+    """Per subject, the normalised values of every OTHER roster person."""
+    out = {}
+    for s in subjects:
+        out[s["name"]] = {normalise(f, c.value(f)) for c in roster if c.name.lower() != s["name"].lower() for f in FIELDS}
+    return out
+
+
+def synthesize(model, tokenizer, subjects: list[dict], roster: list, p: LLMParams, out_dir: Path, *,
                salt: str, scope: str, progress: bool = True) -> dict:
-    """Write forget_spec.json and train_rows.jsonl into out_dir; return a summary safe to log."""
-    items, probe_rows = probe_subjects(model, tokenizer, subjects, p, progress=progress, strict=scope == "subjects")
+    """Write forget_spec.json and train_rows.jsonl into out_dir; return a summary safe to log.
+    `roster` is the evaluation kit's list of people the model holds data about."""
+    roster_names = [c.name for c in roster]
+    items, probe_rows = probe_subjects(model, tokenizer, subjects, p, progress=progress, strict=scope == "subjects",
+                                       others=_others_values(roster, subjects))
     forget_names = {s["name"] for s in subjects}
     splits = split_roster(roster_names, forget_names, p.calibrate.retain_subjects, p.evaluate.retain_subjects,
                           p.synthesize.seed)
