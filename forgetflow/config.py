@@ -236,7 +236,13 @@ class LLMCalibrateParams(_Section):
     tolerance; else the one with the best worst-gate margin."""
 
     guidance_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
-    spaces: tuple[Literal["log", "prob"], ...] = ("log", "prob")
+    spaces: tuple[Literal["log", "prob"], ...] = ("log",)
+
+    @model_validator(mode="after")
+    def _scales(self) -> "LLMCalibrateParams":
+        if not self.guidance_scales or any(not 0.0 < g <= 10.0 for g in self.guidance_scales):
+            raise ValueError("llm.calibrate.guidance_scales: each guidance scale must be in (0, 10]")
+        return self
     utility_items: int = 40  # first N general-knowledge items; evaluation uses the rest
     retain_subjects: int = 10
 

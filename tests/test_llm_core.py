@@ -192,3 +192,35 @@ def test_llm_request_parses_and_names_the_bad_field():
             "kind": "llm-subjects", "subjects": [{"name": "Ada B"}, {"name": "ada b"}]}})
     all_pii = parse_request({"request_id": "r2", "model": "m", "target": {"kind": "llm-subjects", "scope": "all-pii"}})
     assert all_pii.target.subjects == []
+
+
+# ---- bad input: adapters and guidance ------------------------------------------------------
+def test_an_adapter_that_does_not_match_its_parent_is_refused(tiny_lm, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from forgetflow.config import TinyLMParams
+    from forgetflow.llm.artifact import ArtifactError, LLMCard, load_lm, save_full, write_card
+    from forgetflow.llm.base import new_tiny_model
+
+    model, tok = tiny_lm
+    save_full(model, tok, tmp_path / "parent", LLMCard(kind="full"))
+    other = new_tiny_model(tok, TinyLMParams(hidden_size=48, intermediate_size=96, num_layers=2, num_heads=2))
+    get_peft_model(other, LoraConfig(r=4, target_modules="all-linear")).save_pretrained(tmp_path / "child" / "adapter")
+    write_card(tmp_path / "child", LLMCard(kind="adapter", parent_version="1"))
+    with pytest.raises(ArtifactError, match="does not match its parent v1"):
+        load_lm(tmp_path / "child", parent=tmp_path / "parent")
+    with pytest.raises(ArtifactError, match="without its parent"):
+        load_lm(tmp_path / "child")
+
+
+def test_guidance_scales_out_of_range_are_refused(tiny_lm):
+    from forgetflow.config import ParamsError, load_params
+    from forgetflow.llm.evaluate import Policy
+
+    with pytest.raises(ValueError, match="guidance scale"):
+        Policy("a", "b", gamma=50.0)
+    with pytest.raises(ValueError, match="guidance scale"):
+        Policy("a", "b", gamma=-1.0)
+    p = load_params(preset="tiny")
+    with pytest.raises(ValueError):
+        type(p.llm.calibrate)(guidance_scales=(1.0, 0.0))
