@@ -78,6 +78,8 @@ class ForgetflowModel(mlflow.pyfunc.PythonModel):
             raise FileNotFoundError(f"{self.model_dir} has no {MODEL_CARD}; not a forgetflow model directory")
         self.card = json.loads(card_path.read_text())
         self.family = self.card.get("family", "diffusion")
+        lineage = context.artifacts.get("lineage")
+        self.lineage = json.loads(Path(lineage).read_text()) if lineage else {}
         self._version = None
         self._device = None
         self._params = None
@@ -103,12 +105,14 @@ class ForgetflowModel(mlflow.pyfunc.PythonModel):
             from forgetflow.compute import resolve_device
             from forgetflow.config import load_params
             from forgetflow.llm.artifact import load_lm
-            from forgetflow.registry import LINEAGE_FILE, Registry
+            from forgetflow.registry import Registry
 
             self._params = load_params()
             parent = None
             if self.card.get("parent_version"):
-                name = json.loads((self.model_dir / LINEAGE_FILE).read_text())["registered_model"]
+                if "registered_model" not in self.lineage:
+                    raise FileNotFoundError("this adapter version carries no lineage artifact; load it from the registry")
+                name = self.lineage["registered_model"]
                 self._parent_tmp = tempfile.TemporaryDirectory(prefix="forgetflow-parent-")
                 parent = Registry(mlflow.get_tracking_uri()).download(name, self.card["parent_version"],
                                                                       Path(self._parent_tmp.name) / "parent")

@@ -276,8 +276,6 @@ class Registry:
             raise FileNotFoundError(f"{model_dir} has no {MODEL_CARD}: not a forgetflow model directory")
         if (model_dir / "parent").exists():
             raise ValueError(f"{model_dir} holds a materialised parent/: register the version directory itself")
-        # a delta version (LLM adapter) finds its parent by name when a consumer loads it
-        (model_dir / LINEAGE_FILE).write_text(json.dumps({"registered_model": name}))
         tags = {k: str(v) for k, v in (tags or {}).items()}
         with self._errors():
             try:
@@ -300,9 +298,15 @@ class Registry:
                     # no input example on purpose: MLflow would run predict (i.e. sample from
                     # the model) at every registration to validate it
                     warnings.filterwarnings("ignore", message=".*input example was not provided")
-                    mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE),
-                                            artifacts={"model": str(model_dir)}, pip_requirements=_requirements(),
-                                            signature=_signature(model_dir), model_id=logged.model_id)
+                    # artifact "lineage": a delta version (LLM adapter) finds its parent by name
+                    # when a consumer loads it; the model folder itself is never written to
+                    with tempfile.TemporaryDirectory(prefix="forgetflow-lineage-") as tmp:
+                        lineage = Path(tmp) / LINEAGE_FILE
+                        lineage.write_text(json.dumps({"registered_model": name}))
+                        mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE),
+                                                artifacts={"model": str(model_dir), "lineage": str(lineage)},
+                                                pip_requirements=_requirements(), signature=_signature(model_dir),
+                                                model_id=logged.model_id)
                 self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
                 mv = self.client.create_model_version(name, source=f"models:/{logged.model_id}", run_id=run_id,
                                                       tags=tags, description=description or None,

@@ -115,7 +115,9 @@ def test_consumers_load_models_champion_as_pyfunc(registry, name, tmp_path):
     registry.set_alias(name, "champion", version)
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     assert model.unwrap_python_model().card["family"] == "llm"
-    with pytest.raises(NotImplementedError, match="llm"):
+    assert model.unwrap_python_model().lineage == {"registered_model": name}  # how adapters find parents
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model_card.json", "unet"]  # source untouched
+    with pytest.raises(Exception, match="prompt"):  # the LLM signature wants a prompt column
         model.predict({"label": [1]})
 
 
