@@ -5,6 +5,7 @@ Then the report, the ledger's final state, and the shredding of the request key.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from prefect import task
@@ -101,4 +102,5 @@ def promote(ctx: RunContext, guidance_scale: float, metrics: dict, gates: list[d
     env.run.end(ok=True)
     env.ledger.update(ctx.request_id, status, new_version=version, report_path=str(report_path), error=error)
     env.ledger.shred(ctx.request_id)
+    shutil.rmtree(ctx.synth_dir, ignore_errors=True)  # the only clear copy of the request's data
     return report

@@ -1,10 +1,15 @@
 """Stage 2, synthesize: the family builds the forget / replacement data from the request
-and the base model alone (data-free for diffusion), stored in S3 beside the run."""
+and the base model alone (data-free for diffusion), stored in S3 beside the run, sealed with
+the request's key (forgetflow/sealing.py): unreadable once the request is final."""
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 from prefect import task
 
 from forgetflow.runs import RunContext, s3_prefix
+from forgetflow.sealing import seal_dir
 from tasks.common import StageEnv, timed
 
 
@@ -13,6 +18,8 @@ def synthesize(ctx: RunContext) -> RunContext:
     env = StageEnv(ctx)
     with timed(ctx, "synthesize"):
         summary = env.family.synthesize(env.request(), ctx.base_dir, ctx.eval_kit_dir, ctx.synth_dir, env.params)
-        env.store.put_dir(ctx.synth_dir, s3_prefix(ctx.model, ctx.request_id, "synth"))
+        with tempfile.TemporaryDirectory(prefix="forgetflow-sealed-") as tmp:
+            sealed = seal_dir(ctx.synth_dir, Path(tmp), env.ledger.request_key(ctx.request_id))
+            env.store.put_dir(sealed, s3_prefix(ctx.model, ctx.request_id, "synth"))
         env.run.metrics(summary, prefix="synth.")
     return ctx

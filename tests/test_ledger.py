@@ -50,3 +50,29 @@ def test_unwritable_state_folder_is_a_clear_error(tmp_path):
     (tmp_path / "blocker").write_text("a file where the state folder should be")
     with pytest.raises(LedgerError, match="not writable"):
         Ledger(tmp_path / "blocker" / "state")
+
+
+def test_sealed_request_data_is_unreadable_after_shredding(tmp_path):
+    from cryptography.fernet import Fernet, InvalidToken
+
+    from forgetflow.request import parse_request
+    from forgetflow.sealing import open_dir, seal_dir
+
+    ledger = Ledger(tmp_path / "state")
+    request = parse_request({"request_id": "r-seal", "model": "m", "target": {
+        "kind": "llm-subjects", "subjects": [{"name": "Ada Byron"}]}})
+    ledger.submit(request)
+    clear = tmp_path / "synth"
+    (clear / "sub").mkdir(parents=True)
+    (clear / "sub" / "rows.jsonl").write_text('{"user": "What is the phone number of Ada Byron?"}')
+    sealed = seal_dir(clear, tmp_path / "sealed", ledger.request_key("r-seal"))
+    blob = (sealed / "sub" / "rows.jsonl.fernet").read_bytes()
+    assert b"Ada" not in blob
+    back = open_dir(sealed, tmp_path / "back", ledger.request_key("r-seal"))
+    assert (back / "sub" / "rows.jsonl").read_text() == (clear / "sub" / "rows.jsonl").read_text()
+    ledger.update("r-seal", "rejected")
+    ledger.shred("r-seal")
+    with pytest.raises(LedgerError, match="crypto-shredded"):
+        ledger.request_key("r-seal")
+    with pytest.raises(InvalidToken):  # no other key opens it
+        open_dir(sealed, tmp_path / "again", Fernet.generate_key())
