@@ -62,19 +62,24 @@ def register_model(name: str, model_dir: Path, eval_kit: Path, params: Params, s
     return version
 
 
+def _champion(name: str, settings: Settings) -> str | None:
+    """The @champion version of `name`, or None when the model or the alias does not exist."""
+    from forgetflow.registry import UnknownModel
+
+    try:
+        return Registry(settings.mlflow_uri).alias_version(name, "champion")
+    except UnknownModel:
+        return None
+
+
 def ensure_demo_model(name: str, params: Params, settings: Settings, out: Path) -> str:
     """The demo model registered as `name@champion`, trained first if not on disk (DVC
     stage `train_base` makes the same folders)."""
     from forgetflow.compute import resolve_device
     from forgetflow.diffusion.judge import train_judge
     from forgetflow.diffusion.train_base import train_teacher
-    from forgetflow.registry import UnknownModel
 
-    registry = Registry(settings.mlflow_uri)
-    try:
-        current = registry.alias_version(name, "champion")
-    except UnknownModel:
-        current = None
+    current = _champion(name, settings)
     if current is not None:
         return current
     device = resolve_device(params.compute)
@@ -90,13 +95,8 @@ def ensure_demo_llm(name: str, params: Params, settings: Settings, out: Path) ->
     customers, the fine-tuned model and its evaluation kit are made first if not on disk
     (DVC stage `train_support_llm` makes the same folders)."""
     from forgetflow.llm.support_model import finetune_model, make_support_corpus
-    from forgetflow.registry import UnknownModel
 
-    registry = Registry(settings.mlflow_uri)
-    try:
-        current = registry.alias_version(name, "champion")
-    except UnknownModel:
-        current = None
+    current = _champion(name, settings)
     if current is not None:
         return current
     if not (out / "corpus.jsonl").exists() or not (out / "eval_kit" / "eval_kit_card.json").exists():

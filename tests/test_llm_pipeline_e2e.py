@@ -4,9 +4,6 @@ run the six stages against the real local object store and MLflow server."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,15 +11,10 @@ import pytest
 from forgetflow.ledger import Ledger
 from forgetflow.llm.corpus import make_customers
 from forgetflow.registry import Registry
+from tests.cli import forgetflow
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 MODEL = "support-e2e"
-
-
-def forgetflow(workdir: Path, state_dir: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FORGETFLOW_STATE_DIR": str(state_dir)}
-    return subprocess.run([sys.executable, "-m", "forgetflow.cli", "--preset", "tiny", *args],
-                          cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def write_request(workdir: Path, request_id: str, subjects: list[dict], **extra) -> Path:

@@ -3,24 +3,16 @@ object store and MLflow server (tiny preset: same code path, smaller numbers).""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from forgetflow.ledger import Ledger
 from forgetflow.registry import Registry
+from tests.cli import forgetflow
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 MODEL = "digits-e2e"
-
-
-def forgetflow(workdir: Path, state_dir: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FORGETFLOW_STATE_DIR": str(state_dir)}
-    return subprocess.run([sys.executable, "-m", "forgetflow.cli", "--preset", "tiny", *args],
-                          cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def write_request(workdir: Path, request_id: str, **target) -> Path:
