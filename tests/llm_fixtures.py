@@ -13,13 +13,6 @@ import pytest
 from forgetflow.config import Params, load_params
 
 
-def llm_with(params: Params, **sections: dict) -> Params:
-    """A copy of `params` with fields of llm sections replaced, e.g. unlearn={"epochs": 1}."""
-    llm = params.llm.model_copy(
-        update={name: getattr(params.llm, name).model_copy(update=fields) for name, fields in sections.items()})
-    return params.model_copy(update={"llm": llm})
-
-
 @pytest.fixture(scope="session")
 def llm_params() -> Params:
     return load_params(preset="tiny")
