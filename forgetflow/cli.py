@@ -63,16 +63,14 @@ def _fail(message: str, code: int = 1):
 
 
 def _known_errors() -> tuple[type[Exception], ...]:
-    from forgetflow.diffusion.artifact import ArtifactError
-    from forgetflow.families import TargetError
-    from forgetflow.llm.artifact import ArtifactError as LLMArtifactError
+    from forgetflow.families import ArtifactError, TargetError
     from forgetflow.ledger import LedgerError
     from forgetflow.registry import UnknownModel
     from forgetflow.request import RequestError
     from forgetflow.services import ServiceUnavailable
     from forgetflow.storage import CorruptArtifact
 
-    return (ArtifactError, LLMArtifactError, TargetError, FileNotFoundError, LedgerError, UnknownModel, RequestError, ServiceUnavailable,
+    return (ArtifactError, TargetError, FileNotFoundError, LedgerError, UnknownModel, RequestError, ServiceUnavailable,
             CorruptArtifact, ParamsError, LookupError)
 
 

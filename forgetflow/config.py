@@ -24,6 +24,7 @@ class ServicesParams(_Section):
 
     state_dir: str = ".forgetflow"
     reports_dir: str = "reports"
+    sealed_data_dir: str = "data/requests"  # <request_id>/synth: sealed synthesized data, DVC-tracked
     bucket: str = "forgetflow"
     dvc_prefix: str = "dvc"
     mlflow_prefix: str = "mlflow"
@@ -203,6 +204,8 @@ class LLMSynthesizeParams(_Section):
     replacement: Literal["refusal", "surrogate"] = "refusal"
     negative_pairs: Literal["forget", "swapped"] = "forget"  # swapped: the paper's c_neg rows
     train_conditions: Literal["positive", "all"] = "all"  # all: + neutral and adversarial prompts
+    conditions_per_row: int = Field(0, ge=0)  # 0: every row under every condition; k: c_pos + k-1 in turn
+    synth_wordings: bool = True  # also ask (and train on) the wordings of corpus.SYNTH_QUESTIONS
     retain_subjects: int = Field(10, ge=0)  # roster subjects the model answers about itself
     min_agreement: int = Field(3, ge=1)  # probe wordings a recognised value must appear in
     probe_max_new_tokens: int = 48

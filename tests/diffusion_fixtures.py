@@ -1,12 +1,9 @@
 """Session fixtures of the diffusion tests (imported explicitly by the test modules).
 
-Trained artifacts are built once per pytest session under the session's base temp dir and
-reused by every module that imports these fixtures (a `.done` marker guards half-built ones).
+Trained artifacts are built once per pytest session (tests/session_cache.py).
 """
 from __future__ import annotations
 
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,15 +12,7 @@ from forgetflow.config import Params, load_params
 from forgetflow.diffusion.artifact import DiffusionVersion, ModelCard, new_scheduler, new_unet, save_version
 from forgetflow.diffusion.judge import train_judge
 from forgetflow.diffusion.train_base import train_teacher
-
-
-def _built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
-    root = tmp_path_factory.getbasetemp() / "diffusion-cache" / name
-    if not (root / ".done").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        build(root)
-        (root / ".done").touch()
-    return root
+from tests.session_cache import built_once
 
 
 def with_overrides(params: Params, **sections: dict) -> Params:
@@ -41,13 +30,13 @@ def tiny_params() -> Params:
 
 @pytest.fixture(scope="session")
 def judge_dir(tmp_path_factory, tiny_params) -> Path:
-    return _built_once(tmp_path_factory, "judge", lambda d: train_judge(tiny_params, d, progress=False))
+    return built_once(tmp_path_factory, "diffusion-judge", lambda d: train_judge(tiny_params, d, progress=False))
 
 
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory, tiny_params) -> Path:
     """The class-conditional teacher of the `tiny` preset (about 2.5 minutes on 2 CPU cores)."""
-    return _built_once(tmp_path_factory, "teacher", lambda d: train_teacher(tiny_params, d, progress=False))
+    return built_once(tmp_path_factory, "diffusion-teacher", lambda d: train_teacher(tiny_params, d, progress=False))
 
 
 @pytest.fixture(scope="session")
@@ -61,4 +50,4 @@ def untrained_version(tmp_path_factory, tiny_params) -> Path:
                          class_names=[str(c) for c in range(model.num_classes)])
         save_version(directory, DiffusionVersion(new_unet(model), None, new_scheduler(model), card))
 
-    return _built_once(tmp_path_factory, "untrained", build)
+    return built_once(tmp_path_factory, "diffusion-untrained", build)

@@ -5,12 +5,12 @@ of 60 fictitious customers, ~70 s on 2 idle cores) is built once per pytest sess
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from forgetflow.config import Params, load_params
+from tests.session_cache import built_once
 
 
 @pytest.fixture(scope="session")
@@ -23,10 +23,8 @@ def support_llm(tmp_path_factory, llm_params) -> Path:
     """Folder with corpus.jsonl, eval_kit/ and model/ (the tiny support model)."""
     from forgetflow.llm.support_model import finetune_model, make_support_corpus
 
-    root = tmp_path_factory.getbasetemp() / "llm-cache" / "support-llm-tiny"
-    if not (root / ".done").exists():
-        shutil.rmtree(root, ignore_errors=True)
+    def build(root: Path) -> None:
         make_support_corpus(llm_params, root)
         finetune_model(root / "corpus.jsonl", root / "model", llm_params, progress=False)
-        (root / ".done").touch()
-    return root
+
+    return built_once(tmp_path_factory, "support-llm-tiny", build)

@@ -83,3 +83,34 @@ def test_the_version_is_an_adapter_that_names_subjects_only_by_hash(run):
 def test_every_gate_passes(run):
     *_, gates = run
     assert all(g.passed for g in gates), [g.to_dict() for g in gates if not g.passed]
+
+
+@pytest.fixture(scope="module")
+def all_pii_run(support_llm, llm_params, tmp_path_factory):
+    """Scope all-pii (the LLM Privacy Challenge's setting): no subject named, every customer on
+    the roster is probed and forgotten, and the version is served under "do not provide any
+    personal data"."""
+    family = LLMFamily()
+    request = parse_request({"request_id": "behaviour-all-pii", "model": "support-llm-tiny",
+                             "target": {"kind": "llm-subjects", "scope": "all-pii"}})
+    work = tmp_path_factory.mktemp("cfg-orpo-all-pii")
+    model, kit = support_llm / "model", support_llm / "eval_kit"
+    summary = family.synthesize(request, model, kit, work / "synth", llm_params)
+    family.unlearn(model, work / "synth", work / "new", llm_params, method="cfg-orpo", base_version="1",
+                   checkpoints=None, progress=False)
+    family.calibrate(model, work / "new", work / "synth", kit, llm_params, work / "eval")
+    metrics = family.evaluate(model, work / "new", work / "synth", kit, llm_params, work / "eval")
+    print(json.dumps({"summary": summary, "metrics": metrics}, indent=1))
+    return work, summary, metrics, family.gates(metrics, llm_params)
+
+
+def test_all_pii_scope_forgets_everyone_on_the_roster(all_pii_run, llm_params):
+    work, summary, metrics, gates = all_pii_run
+    c = llm_params.llm.corpus
+    assert summary["subjects"] >= 0.9 * c.customers and summary["retain_rows"] == 0
+    assert read_card(work / "new").positive_condition == llm_params.llm.conditions.positive_all_pii
+    assert metrics["base"]["leak_rate_by_attack"]["direct"] >= 0.8
+    limit = llm_params.llm.gates.leak_rate_max
+    assert all(rate <= limit for rate in metrics["new"]["leak_rate_by_attack"].values()), metrics["new"]
+    assert metrics["new"]["retained_recall"] is None  # nobody is kept in this scope
+    assert all(g.passed for g in gates), [g.to_dict() for g in gates if not g.passed]

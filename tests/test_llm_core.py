@@ -12,7 +12,7 @@ from forgetflow.config import load_params
 from forgetflow.llm.attacks import Item, attack_probes, prefix_context
 from forgetflow.llm.chat import prompt_ids
 from forgetflow.llm.generation import continuation_logprobs, generate, guided_logprobs
-from forgetflow.llm.orpo import log1m_exp, orpo_loss
+from forgetflow.llm.orpo import log1m_exp, mean_logps, orpo_loss, retain_kl
 from forgetflow.llm.pii import leaked, recognise, subject_hash
 from forgetflow.llm.synthesize import build_rows, split_roster
 from forgetflow.request import RequestError, parse_request
@@ -100,6 +100,33 @@ def test_orpo_gradient_raises_chosen_and_lowers_rejected():
     assert c.grad.item() < 0 < r.grad.item()
 
 
+def test_answer_logprobs_of_a_padded_batch_match_each_row_scored_alone(tiny_lm):
+    model, tok = tiny_lm
+    prompts = [tok("What is the phone number of Ada Byron?")["input_ids"], tok("You are")["input_ids"]]
+    answers = [tok(" The phone number")["input_ids"], tok(" a helpful assistant.")["input_ids"]]
+    with torch.no_grad():
+        batched = mean_logps(model, tok, prompts, answers)
+        for i, (p, a) in enumerate(zip(prompts, answers)):
+            logp = torch.log_softmax(model(input_ids=torch.tensor([p + a])).logits[0, :-1].float(), -1)
+            alone = logp[len(p) - 1:].gather(-1, torch.tensor(a)[:, None]).mean()
+            assert torch.allclose(batched[i], alone, atol=1e-5)
+
+
+def test_retain_kl_is_zero_for_a_fresh_adapter_and_positive_once_it_moves(tiny_lm):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = tiny_lm
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    prompts, answers = [tok("What is the phone number of Ada Byron?")["input_ids"]], [tok(" 212-555-0147.")["input_ids"]]
+    assert retain_kl(peft_model, tok, prompts, answers).abs().item() < 1e-6  # LoRA's B starts at zero
+    with torch.no_grad():
+        for name, q in peft_model.named_parameters():
+            if "lora_B" in name:
+                q.normal_(0, 0.5)
+    assert retain_kl(peft_model, tok, prompts, answers).item() > 1e-3
+    peft_model.unload()
+
+
 # ---- leak detection ---------------------------------------------------------------------
 def test_leak_detection_normalises_numbers_and_case():
     assert leaked("212-555-0147", "call 212 555 0147 now", "phone")
@@ -142,8 +169,12 @@ def _probe_rows():
              "answer": "Sorry, I do not know."}]
 
 
+def _synth(p, **fields):
+    return p.model_copy(update={"synthesize": p.synthesize.model_copy(update=fields)})
+
+
 def test_rows_train_every_condition_and_never_teach_a_forgotten_value():
-    p = load_params(preset="tiny").llm
+    p = _synth(load_params(preset="tiny").llm, conditions_per_row=0)
     items = [Item("Ada Byron", "phone", "212-555-0147")]
     retain = [{"user": "What is the phone number of Bo Li?", "answer": "The phone number of Bo Li is 301-222-3333."},
               {"user": "Who else?", "answer": "Ada Byron's number is 212 555 0147."}]
@@ -158,10 +189,21 @@ def test_rows_train_every_condition_and_never_teach_a_forgotten_value():
     assert kept and all("Bo Li" in r["chosen"] for r in kept)  # the retain row leaking Ada is dropped
 
 
+def test_conditions_per_row_keeps_the_positive_condition_and_cycles_the_others():
+    p = _synth(load_params(preset="tiny").llm, conditions_per_row=2)
+    c = p.conditions
+    items = [Item("Ada Byron", "phone", "212-555-0147")]
+    leaking = [{**_probe_rows()[0], "user": f"Question {i} about Ada Byron?"} for i in range(8)]
+    rows = build_rows(items, leaking, [], p, seed=0)
+    assert len(rows) == 2 * len(leaking)
+    for i in range(len(leaking)):
+        systems = [r["system"] for r in rows if r["user"] == f"Question {i} about Ada Byron?"]
+        assert len(systems) == 2 and c.positive in systems
+    assert {r["system"] for r in rows} == {c.positive, c.negative, *c.neutral, *c.adversarial}
+
+
 def test_the_papers_recipe_swaps_the_negative_condition():
-    p = load_params(preset="tiny").llm
-    p = p.model_copy(update={"synthesize": p.synthesize.model_copy(update={"negative_pairs": "swapped",
-                                                                            "train_conditions": "positive"})})
+    p = _synth(load_params(preset="tiny").llm, negative_pairs="swapped", train_conditions="positive")
     rows = build_rows([Item("Ada Byron", "phone", "212-555-0147")], _probe_rows(), [], p, seed=0)
     by_system = {r["system"]: r for r in rows}
     assert set(by_system) == {p.conditions.positive, p.conditions.negative}

@@ -102,6 +102,13 @@ def test_customers_are_forgotten_through_the_six_stages(registered, services, cu
     entry = Ledger(state_dir).get("forget-3")
     assert entry.state == "promoted" and entry.key_shredded
 
+    # the synthesized data DVC versions is sealed: the rows hold the values only encrypted
+    sealed = sorted((workdir / "data" / "requests" / "forget-3" / "synth").rglob("*.fernet"))
+    assert sealed
+    blob = b"".join(f.read_bytes() for f in sealed)
+    for c in forget:
+        assert c.name.encode() not in blob and c.phone.encode() not in blob
+
 
 def test_a_subject_the_model_knows_nothing_about_is_refused_without_training(registered, services):
     workdir, state_dir = registered

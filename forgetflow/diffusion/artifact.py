@@ -20,16 +20,13 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from forgetflow.config import DiffusionModelParams
+from forgetflow.families import ArtifactError
 
 CARD_FILE = "model_card.json"
 SCORE_DIR = "score"
 GENERATOR_DIR = "generator"
 SCHEDULER_DIR = "scheduler"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-
-
-class ArtifactError(ValueError):
-    """A model version directory is missing, incomplete or corrupt; the message names the file."""
 
 
 @dataclass

@@ -20,6 +20,10 @@ class TargetError(ValueError):
     """The request names something the model does not have (class, subject, concept)."""
 
 
+class ArtifactError(ValueError):
+    """A model version directory is missing, incomplete or corrupt; the message names the file."""
+
+
 class Family(Protocol):
     name: str
     default_method: str

@@ -19,14 +19,12 @@ from pathlib import Path
 
 import torch
 
+from forgetflow.families import ArtifactError
+
 CARD_FILE = "model_card.json"
 WEIGHTS_DIR = "weights"
 ADAPTER_DIR = "adapter"
 PARENT_DIR = "parent"
-
-
-class ArtifactError(ValueError):
-    """A model version directory is missing, incomplete or corrupt; the message names the file."""
 
 
 @dataclass

@@ -12,6 +12,7 @@ Question wordings are split by purpose (DESIGN.md: evaluation prompts are never 
 `CORPUS_QUESTIONS` are in the fine-tuning corpus (the model has memorised answers to them);
 the unlearning trainer sees only the `train` ones, calibration the `calibrate` one,
 evaluation the `evaluate` one, and `PARAPHRASES` were never in any corpus at all.
+`SYNTH_QUESTIONS` are in no corpus either; only synthesize asks them (more wordings to train on).
 """
 from __future__ import annotations
 
@@ -69,6 +70,20 @@ CORPUS_QUESTIONS: dict[str, tuple[tuple[str, str], ...]] = {
     ),
 }
 TEMPLATE_SPLITS = {"train": (0, 1, 2), "calibrate": (3,), "evaluate": (4,)}
+
+# Never in the corpus and never evaluated: more ways to ask, which synthesize probes with
+# (besides the train wordings) so that forget and retain rows cover more than the corpus's
+# phrasing. Kept apart in style from PARAPHRASES, the held-out attack.
+SYNTH_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "email": ("What e-mail address does {name} use?", "I need the e-mail of {name}.",
+              "Send me the e-mail address registered for {name}."),
+    "phone": ("What phone number does {name} use?", "I need the phone number of {name}.",
+              "Send me the phone number registered for {name}."),
+    "address": ("What address does {name} use?", "I need the postal address of {name}.",
+                "Send me the address registered for {name}."),
+    "account": ("What account number does {name} use?", "I need the account number of {name}.",
+                "Send me the account number registered for {name}."),
+}
 
 # Never in the corpus, never trained on: the paraphrase attack.
 PARAPHRASES: dict[str, tuple[str, ...]] = {

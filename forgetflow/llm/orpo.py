@@ -76,20 +76,22 @@ def _batch(model, tokenizer, prompts: list[list[int]], answers: list[list[int]])
     return ids, labels, mask
 
 
-def _answer_logprobs(model, ids, mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full-vocabulary log-probs at each position predicting the next token, and the mask
-    of scored (answer) positions."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    return torch.log_softmax(logits, -1), (labels[:, 1:] != -100).float()
+def _answer_logprobs(model, ids, mask, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full-vocabulary log-probs [N, V] at the N positions that predict an answer token, those
+    tokens [N] and the row each belongs to [N]. The softmax runs over answer positions only
+    (a fraction of the sequence; the vocabulary is 49k wide for SmolLM2)."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    scored = labels[:, 1:] != -100
+    return torch.log_softmax(logits[scored].float(), -1), labels[:, 1:][scored], scored.nonzero()[:, 0]
 
 
 def mean_logps(model, tokenizer, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
     """Mean token log-prob of each answer given its prompt (with gradients), [B]."""
     ids, labels, mask = _batch(model, tokenizer, prompts, answers)
-    logp, scored = _answer_logprobs(model, ids, mask, labels)
-    target = labels[:, 1:].clamp_min(0)
-    logp = logp.gather(-1, target[..., None])[..., 0]
-    return (logp * scored).sum(-1) / scored.sum(-1).clamp_min(1)
+    logp, target, row = _answer_logprobs(model, ids, mask, labels)
+    token = logp.gather(-1, target[:, None])[:, 0]
+    total = torch.zeros(len(prompts), device=token.device, dtype=token.dtype).index_add(0, row, token)
+    return total / torch.bincount(row, minlength=len(prompts)).clamp_min(1)
 
 
 def retain_kl(peft_model, tokenizer, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
@@ -97,10 +99,9 @@ def retain_kl(peft_model, tokenizer, prompts: list[list[int]], answers: list[lis
     base is the peft model with its adapter disabled."""
     ids, labels, mask = _batch(peft_model, tokenizer, prompts, answers)
     with torch.no_grad(), peft_model.disable_adapter():
-        base, _ = _answer_logprobs(peft_model, ids, mask, labels)
-    new, scored = _answer_logprobs(peft_model, ids, mask, labels)
-    kl = (base.exp() * (base - new)).sum(-1)
-    return (kl * scored).sum() / scored.sum().clamp_min(1)
+        base, _, _ = _answer_logprobs(peft_model, ids, mask, labels)
+    new, _, _ = _answer_logprobs(peft_model, ids, mask, labels)
+    return (base.exp() * (base - new)).sum(-1).mean()
 
 
 def batch_loss(model, tokenizer, batch: list[dict], p: LLMUnlearnParams) -> tuple[torch.Tensor, dict]:

@@ -1,26 +1,30 @@
 """Forget, replacement and retain rows, from the request and the model alone (no retain set,
 no original training data).
 
-1. Probe: ask the champion about every subject and field (train wordings, a neutral system
-   prompt) and keep what it actually emits: the request's known values where they appear, and
-   values the pattern recognizers find in at least `min_agreement` wordings that are not
-   another listed person's (a model asked about a stranger often answers with some other
-   customer's data; forgetting that would erase the wrong person). A subject the model says
-   nothing personal about is an error (nothing to forget; we do not train).
+1. Probe: ask the champion about every subject and field (a neutral system prompt; the
+   corpus's train wordings plus, with `synth_wordings`, wordings in no corpus) and keep what it
+   actually emits: the request's known values where they appear, and values the pattern
+   recognizers find under at least `min_agreement` corpus wordings that are not another listed
+   person's (a model asked about a stranger often answers with some other customer's data;
+   forgetting that would erase the wrong person). A subject the model says nothing personal
+   about is an error (nothing to forget; we do not train).
 2. Forget rows, as in the paper: prompt = the probe question + the model's own answer up to the
    value (the assistant `prefix`), rejected = the leaking continuation from the value on,
    chosen = a continuation made without the data (a withholding phrase, or a consistent
-   surrogate value), checked so that no forgotten value survives in it. Scoring only what
-   follows the prefix matters: penalising the whole leaking answer also penalises its
-   wording ("The phone number of ... is"), which every other customer's answer shares;
-   measured on the tiny model, that garbled kept customers' answers (recall 0.95 -> 0.59).
+   surrogate value), checked so that no forgotten value survives in it. Every probe wording
+   whose answer leaked gives a pair. Scoring only what follows the prefix matters: penalising
+   the whole leaking answer also penalises its wording ("The phone number of ... is"), which
+   every other customer's answer shares; measured on the tiny model, that garbled kept
+   customers' answers (recall 0.95 -> 0.59).
 3. Conditions (cfg-llm.md): every pair under c_pos; under c_neg either also chosen =
    replacement (`negative_pairs: forget`, ours) or swapped (`swapped`, the paper's recipe,
    which builds an extraction switch, measured); with `train_conditions: all` also under the
    neutral and adversarial system prompts, so the raw weights forget, not only a refusal tied
-   to an instruction.
+   to an instruction. `conditions_per_row: k` trains each row under c_pos and k - 1 of the
+   others in turn instead of all of them (every condition still seen, on fewer rows).
 4. Retain rows (what keeps the other customers working without their data): the model's own
-   answers about other roster subjects, under the same conditions, scored by NLL only.
+   answers about other roster subjects, under the same wordings and conditions (the trainer
+   holds the adapted model to the base on them, orpo.py).
 
 Splits: only `train` wordings are trained on; calibration and evaluation use other wordings
 and paraphrases, and evaluation uses other retained subjects than these.
@@ -35,7 +39,7 @@ from pathlib import Path
 
 from forgetflow.config import LLMParams
 from forgetflow.families import TargetError
-from forgetflow.llm.attacks import Item, direct_probes
+from forgetflow.llm.attacks import Item, Probe, direct_probes, synth_probes
 from forgetflow.llm.chat import prompt_ids
 from forgetflow.llm.corpus import FIELD_NOUNS, FIELDS
 from forgetflow.llm.generation import generate
@@ -86,6 +90,12 @@ def forget_pair(p: LLMParams, answer: str, item: Item, rng: random.Random) -> tu
     return prefix, chosen, rejected
 
 
+def training_probes(items: list[Item], p: LLMParams) -> list[Probe]:
+    """The questions synthesize asks and trains on: the corpus's train wordings, plus wordings
+    in no corpus (`synth_wordings`) so the rows cover more phrasing than the corpus did."""
+    return direct_probes(items, "train") + (synth_probes(items) if p.synthesize.synth_wordings else [])
+
+
 def probe_subjects(model, tokenizer, subjects: list[dict], p: LLMParams, *, progress: bool,
                    strict: bool = True, others: dict[str, set[str]] | None = None) -> tuple[list[Item], list[dict]]:
     """What the model emits about each subject: (items found, probe rows with the answers).
@@ -93,18 +103,19 @@ def probe_subjects(model, tokenizer, subjects: list[dict], p: LLMParams, *, prog
     otherwise it is skipped (scope `all-pii` probes everyone on the roster)."""
     system = p.conditions.neutral[0]
     candidates = [Item(s["name"], f, "") for s in subjects for f in FIELDS]
-    probes = direct_probes(candidates, "train")
+    probes = training_probes(candidates, p)
     answers = generate(model, tokenizer, [prompt_ids(tokenizer, system, pr.user) for pr in probes],
                        max_new_tokens=p.synthesize.probe_max_new_tokens, batch_size=p.synthesize.batch_size,
                        progress=progress, desc="probe")
-    rows = [{"subject": pr.item.subject, "field": pr.item.field, "user": pr.user, "answer": a}
+    rows = [{"subject": pr.item.subject, "field": pr.item.field, "user": pr.user, "answer": a, "attack": pr.attack}
             for pr, a in zip(probes, answers)]
     items = []
     for i, s in enumerate(subjects):
         known = s.get("values", {})
         found_any = False
         for field in FIELDS:
-            said = [r["answer"] for r in rows if r["subject"] == s["name"] and r["field"] == field]
+            said = [r["answer"] for r in rows if r["subject"] == s["name"] and r["field"] == field
+                    and (field in known or r["attack"] == "direct")]  # discovery: corpus wordings only
             if field in known:
                 if any(leaked(known[field], a, field) for a in said):
                     items.append(Item(s["name"], field, known[field]))
@@ -143,27 +154,32 @@ def build_rows(items: list[Item], probe_rows: list[dict], retain_rows: list[dict
                 prefix, chosen, rejected = None, REFUSAL.format(noun=FIELD_NOUNS[it.field], name=it.subject), r["answer"]
             pairs.append((r["user"], prefix, chosen, rejected))
     positive = c.positive_for(scope)
-    systems_forget = [positive] + ([*c.neutral, *c.adversarial] if s.train_conditions == "all" else [])
+    others = [*c.neutral, *c.adversarial] if s.train_conditions == "all" else []
+    systems = list(dict.fromkeys([positive, c.negative, *others]))
     rows = []
-    for user, prefix, chosen, rejected in pairs:
+    for i, (user, prefix, chosen, rejected) in enumerate(pairs):
         row = {"user": user, "prefix": prefix, "kind": "forget"}
-        for system in dict.fromkeys(systems_forget):
+        for system in conditions_for_row(systems, s.conditions_per_row, i):
             if system == c.negative and s.negative_pairs == "swapped":
-                continue
-            rows.append({**row, "system": system, "chosen": chosen, "rejected": rejected})
-        if s.negative_pairs == "swapped":
-            rows.append({**row, "system": c.negative, "chosen": rejected, "rejected": chosen})
-        elif c.negative not in systems_forget:
-            rows.append({**row, "system": c.negative, "chosen": chosen, "rejected": rejected})
-    systems_retain = [positive, c.negative] + ([*c.neutral, *c.adversarial] if s.train_conditions == "all" else [])
-    for r in retain_rows:
-        if not scrub(r["answer"], forget_values):
-            continue  # never teach a forgotten value, even inside another subject's answer
-        for system in dict.fromkeys(systems_retain):
+                rows.append({**row, "system": system, "chosen": rejected, "rejected": chosen})
+            else:
+                rows.append({**row, "system": system, "chosen": chosen, "rejected": rejected})
+    kept = [r for r in retain_rows if scrub(r["answer"], forget_values)]  # never teach a forgotten value,
+    for i, r in enumerate(kept):                                          # even inside another's answer
+        for system in conditions_for_row(systems, s.conditions_per_row, i):
             rows.append({"system": system, "user": r["user"], "prefix": None, "chosen": r["answer"], "rejected": None,
                          "kind": "retain"})
     rng.shuffle(rows)
     return rows
+
+
+def conditions_for_row(systems: list[str], k: int, i: int) -> list[str]:
+    """The system prompts row i is trained under: all of them (k = 0), else the first (c_pos)
+    and k - 1 of the others in turn (each of the others gets an equal share of the rows)."""
+    if k <= 0 or k >= len(systems):
+        return systems
+    rest = systems[1:]
+    return [systems[0]] + [rest[(i * (k - 1) + j) % len(rest)] for j in range(k - 1)]
 
 
 def _others_values(roster: list, subjects: list[dict]) -> dict[str, set[str]]:
@@ -187,7 +203,7 @@ def synthesize(model, tokenizer, subjects: list[dict], roster: list, p: LLMParam
     retain_names = splits["train"][:p.synthesize.retain_subjects] if scope == "subjects" else []
     retain_rows = []
     if retain_names:
-        retain = direct_probes([Item(n, f, "") for n in retain_names for f in FIELDS], "train")
+        retain = training_probes([Item(n, f, "") for n in retain_names for f in FIELDS], p)
         answers = generate(model, tokenizer, [prompt_ids(tokenizer, p.conditions.neutral[0], pr.user) for pr in retain],
                            max_new_tokens=p.synthesize.probe_max_new_tokens, batch_size=p.synthesize.batch_size,
                            progress=progress, desc="retain answers")
