@@ -43,8 +43,10 @@ def _opts(ctx: typer.Context) -> Opts:
 
 @app.callback()
 def main(ctx: typer.Context,
-         params: str = typer.Option(None, "--params", help="params.yaml to use (default: the project's)."),
-         preset: str = typer.Option(None, "--preset", help="A preset of params.yaml, e.g. tiny."),
+         params: str = typer.Option(None, "--params", envvar="FORGETFLOW_PARAMS",
+                                    help="params.yaml to use (default: the project's)."),
+         preset: str = typer.Option(None, "--preset", envvar="FORGETFLOW_PRESET",
+                                    help="A preset of params.yaml, e.g. tiny (e.g. `FORGETFLOW_PRESET=tiny dvc repro`)."),
          state_dir: str = typer.Option(None, "--state-dir", envvar="FORGETFLOW_STATE_DIR",
                                        help="Where services, ledger and runs keep state.")):
     try:
@@ -126,6 +128,7 @@ def _dvc_remote(o: Opts) -> None:
 def _print_services(info) -> None:
     console.print(f"object store (S3): {info.s3_endpoint}  bucket {info.bucket}")
     console.print(f"MLflow UI:         {info.mlflow_uri}")
+    console.print(f"Prefect UI:        {info.prefect_ui or 'none (ephemeral API; services.prefect_server: false)'}")
 
 
 # ---- models -----------------------------------------------------------------------------

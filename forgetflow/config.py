@@ -28,6 +28,7 @@ class ServicesParams(_Section):
     bucket: str = "forgetflow"
     dvc_prefix: str = "dvc"
     mlflow_prefix: str = "mlflow"
+    prefect_server: bool = True  # `up` also starts a Prefect server (UI, events); false: ephemeral API
     startup_timeout_s: float = 120.0
 
 

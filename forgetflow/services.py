@@ -1,4 +1,5 @@
-"""The embedded default services: a SeaweedFS object store (S3) and an MLflow server.
+"""The embedded default services: a SeaweedFS object store (S3), an MLflow server and (with
+`services.prefect_server`, the default) a Prefect server with its UI.
 
 `forgetflow up` starts what is not running yet, on loopback only, and records pids, ports and
 endpoints in `<state_dir>/services.json`; `forgetflow down` stops exactly those processes.
@@ -11,11 +12,12 @@ Layout of the state directory:
                            keys come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)
     s3-identities.json     the same keys in SeaweedFS's identity format (chmod 600)
     seaweedfs/             object store data        mlflow.db   MLflow's sqlite backend
-    logs/seaweedfs.log, logs/mlflow.log
+    prefect-server/        the Prefect server's home (its sqlite database)
+    logs/seaweedfs.log, logs/mlflow.log, logs/prefect.log
 
 Clients find the services through `resolve_settings`: environment variables set by the user
 (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or a profile,
-MLFLOW_TRACKING_URI, FORGETFLOW_BUCKET) win over the local services, so the same code runs
+MLFLOW_TRACKING_URI, PREFECT_API_URL, FORGETFLOW_BUCKET) win over the local services, so the same code runs
 against AWS S3 and a shared MLflow (DESIGN.md invariant 7: credentials only ever come from
 the environment, a profile or the state directory, never from code or committed files).
 
@@ -31,6 +33,8 @@ Measured facts behind the flags (SeaweedFS 4.48, MLflow 3.17 on 2 cores):
   period loses nothing that a client was told is stored.
 - `mlflow server` also starts a job runner with seven huey consumers (~1 GB RSS, +10 s start)
   that forgetflow does not use: MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false turns it off.
+- `prefect server start` answers /api/health after ~10 s (15-75 s on a fresh home, which
+  creates its database); its uvicorn child shares the leader's process group.
 """
 from __future__ import annotations
 
@@ -60,7 +64,7 @@ from forgetflow.config import Params
 SERVICES_FILE = "services.json"
 CREDENTIALS_FILE = "credentials.json"
 IDENTITIES_FILE = "s3-identities.json"
-SEAWEEDFS, MLFLOW = "seaweedfs", "mlflow"
+SEAWEEDFS, MLFLOW, PREFECT = "seaweedfs", "mlflow", "prefect"
 DEFAULT_REGION = "us-east-1"
 
 # Ports: a block of 8 numbers per instance, base in [15000, 22000) so that every gRPC port
@@ -86,6 +90,7 @@ class Settings:
     secret_key: str | None = field(repr=False)
     mlflow_uri: str
     region: str = DEFAULT_REGION
+    prefect_api_url: str | None = None  # None: Prefect's ephemeral API in the client process
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,11 @@ class ServiceInfo:
     records: dict[str, ServiceRecord] = field(default_factory=dict, repr=False)
     started: tuple[str, ...] = ()  # what this call started (empty: all was already running)
     region: str = DEFAULT_REGION
+    prefect_api_url: str | None = None
+
+    @property
+    def prefect_ui(self) -> str | None:
+        return self.prefect_api_url.removesuffix("/api") if self.prefect_api_url else None
 
     @property
     def pids(self) -> dict[str, int]:
@@ -128,7 +138,7 @@ class ServiceInfo:
 
     def settings(self) -> Settings:
         return Settings(self.s3_endpoint, self.bucket, self.access_key, self.secret_key,
-                        self.mlflow_uri, self.region)
+                        self.mlflow_uri, self.region, self.prefect_api_url)
 
 
 # ---- processes --------------------------------------------------------------------------
@@ -438,6 +448,10 @@ def _mlflow_cmd(state: Path, bucket: str, prefix: str, port: int) -> list[str]:
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
 
 
+def _prefect_cmd(port: int) -> list[str]:
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+
+
 # ---- health -----------------------------------------------------------------------------
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -521,6 +535,13 @@ def probe_mlflow(uri: str, *, local: bool = False, timeout: float = 3.0) -> None
         raise ServiceUnavailable(f"MLflow at {uri} is not reachable; {hint}")
 
 
+def probe_prefect(api_url: str, *, local: bool = False, timeout: float = 3.0) -> None:
+    """Raise ServiceUnavailable unless the Prefect API answers."""
+    if _http_status(api_url.rstrip("/") + "/health", timeout) is None:
+        hint = "run `forgetflow up`" if local else "check PREFECT_API_URL"
+        raise ServiceUnavailable(f"Prefect API at {api_url} is not reachable; {hint}")
+
+
 # ---- up / down / status -----------------------------------------------------------------
 def _start_seaweedfs(state: Path, ports: dict[str, int], access: str, secret: str) -> ServiceRecord:
     identities = {"identities": [{"name": "forgetflow", "credentials": [{"accessKey": access, "secretKey": secret}],
@@ -550,10 +571,30 @@ def _start_mlflow(state: Path, port: int, s3_endpoint: str, access: str, secret:
                          _fingerprint(access, secret, s3_endpoint, bucket, prefix))
 
 
+def _start_prefect(state: Path, port: int) -> ServiceRecord:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "PREFECT_"))}
+    env.update(PREFECT_HOME=str(state / "prefect-server"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    cmd = _prefect_cmd(port)
+    log = state / "logs" / "prefect.log"
+    proc = _spawn(cmd, log, env, state)
+    return ServiceRecord(PREFECT, proc.pid, _create_time(proc.pid) or time.time(), {"prefect": port},
+                         f"http://127.0.0.1:{port}/api", str(log.relative_to(state)), cmd)
+
+
 def _healthy(rec: ServiceRecord) -> bool:
     if rec.name == SEAWEEDFS:
         return _http_status(rec.endpoint + "/healthz", 1.0) == 200
     return _http_status(rec.endpoint + "/health", 1.0) == 200
+
+
+def _single_port(name: str, records: dict[str, ServiceRecord], data: dict[str, Any], taken: set[int],
+                 attempt: int) -> int:
+    """The port a one-port service had last time when it is still free, else a free one."""
+    old = records.get(name) or data.get("last_ports", {}).get(name)
+    old_port = (old.ports if isinstance(old, ServiceRecord) else (old or {})).get(name)
+    if attempt == 0 and old_port and old_port not in taken and _port_free(old_port):
+        return old_port
+    return _pick_ports((name,), taken)[name]
 
 
 def _bind_failed(rec: ServiceRecord, state: Path) -> bool:
@@ -574,8 +615,9 @@ def up(params: Params, state_dir: str | Path | None = None, *, ports: dict[str, 
     """Start what is not already running (recorded pid alive and healthy), wait until both
     answer, create the bucket and record everything in services.json.
 
-    `ports` may fix any of master, volume, filer, s3 (SeaweedFS; each also opens port+10000)
-    and mlflow; the rest are picked free (a restart reuses the recorded ports when free)."""
+    `ports` may fix any of master, volume, filer, s3 (SeaweedFS; each also opens port+10000),
+    mlflow and prefect; the rest are picked free (a restart reuses the recorded ports when
+    free). The Prefect server is started only with params.services.prefect_server."""
     state = _state_path(params, state_dir)
     state.mkdir(parents=True, exist_ok=True)
     (state / "logs").mkdir(exist_ok=True)
@@ -583,9 +625,10 @@ def up(params: Params, state_dir: str | Path | None = None, *, ports: dict[str, 
     bucket = params.services.bucket
     prefix = params.services.mlflow_prefix
     fixed = dict(ports or {})
-    unknown = set(fixed) - {*_WEED_PORTS, "mlflow"}
+    known = [*_WEED_PORTS, MLFLOW, PREFECT]
+    unknown = set(fixed) - set(known)
     if unknown:
-        raise ValueError(f"unknown service ports {sorted(unknown)}; known: {[*_WEED_PORTS, 'mlflow']}")
+        raise ValueError(f"unknown service ports {sorted(unknown)}; known: {known}")
 
     with _locked(state):
         data = _read_state(state)
@@ -622,18 +665,21 @@ def up(params: Params, state_dir: str | Path | None = None, *, ports: dict[str, 
                     _stop([ml], 10.0)
                 ml = None
             if ml is None:
-                port = fixed.get("mlflow")
-                if port is None:
-                    old = records.get(MLFLOW) or data.get("last_ports", {}).get(MLFLOW)
-                    old_port = (old.ports if isinstance(old, ServiceRecord) else (old or {})).get("mlflow")
-                    taken = set(_needed(weed.ports))
-                    if attempt == 0 and old_port and old_port not in taken and _port_free(old_port):
-                        port = old_port
-                    else:
-                        port = _pick_ports(("mlflow",), taken)["mlflow"]
+                port = fixed.get(MLFLOW) or _single_port(MLFLOW, records, data, set(_needed(weed.ports)), attempt)
                 ml = _start_mlflow(state, port, weed.endpoint, access, secret, bucket, prefix)
                 started.append(MLFLOW)
                 records[MLFLOW] = ml
+
+            pf = records.get(PREFECT) if params.services.prefect_server else None
+            if pf is not None and not pf.alive():
+                pf = None
+            if pf is None and params.services.prefect_server:
+                taken = set(_needed(weed.ports)) | set(ml.ports.values())
+                port = fixed.get(PREFECT) or _single_port(PREFECT, records, data, taken, attempt)
+                pf = _start_prefect(state, port)
+                started.append(PREFECT)
+                records[PREFECT] = pf
+            running = [r for r in (weed, ml, pf) if r is not None]
 
             data.update(version=1, bucket=bucket, mlflow_prefix=prefix, credentials_source=source,
                         services={n: _record_dict(r) for n, r in records.items()},
@@ -643,30 +689,30 @@ def up(params: Params, state_dir: str | Path | None = None, *, ports: dict[str, 
             deadline = time.monotonic() + timeout
             retry = False
             while True:
-                dead = [r for r in (weed, ml) if not r.alive()]
+                dead = [r for r in running if not r.alive()]
                 if dead:
                     if not fixed and attempt < 2 and all(_bind_failed(r, state) for r in dead):
                         retry = True  # lost a port race with another instance: other ports
                         break
-                    _abandon([r for r in (weed, ml) if r.name in started])
-                    for r in dead + [r for r in (weed, ml) if r.name in started]:
+                    _abandon([r for r in running if r.name in started])
+                    for r in dead + [r for r in running if r.name in started]:
                         records.pop(r.name, None)
                     data["services"] = {n: _record_dict(r) for n, r in records.items()}
                     _write_state(state, data)
                     rec = dead[0]
                     raise ServiceUnavailable(f"{rec.name} exited during start-up; log {state / rec.log}:\n"
                                              f"{_log_tail(state / rec.log)}")
-                if _healthy(weed) and _healthy(ml):
+                if all(_healthy(r) for r in running):
                     break
                 if time.monotonic() > deadline:
-                    slow = [r for r in (weed, ml) if not _healthy(r)]
+                    slow = [r for r in running if not _healthy(r)]
                     raise ServiceUnavailable(
                         f"{', '.join(r.name for r in slow)} not healthy after {timeout:.0f} s "
                         f"(still running; `forgetflow down` stops it); log {state / slow[0].log}:\n"
                         f"{_log_tail(state / slow[0].log)}")
                 time.sleep(0.2)
             if retry:
-                _abandon([r for r in (weed, ml) if r.name in started])
+                _abandon([r for r in running if r.name in started])
                 for name in started:
                     records.pop(name, None)
                 started.clear()
@@ -675,7 +721,8 @@ def up(params: Params, state_dir: str | Path | None = None, *, ports: dict[str, 
             break
 
         return ServiceInfo(state_dir=state, s3_endpoint=weed.endpoint, mlflow_uri=ml.endpoint, bucket=bucket,
-                           access_key=access, secret_key=secret, records=dict(records), started=tuple(started))
+                           access_key=access, secret_key=secret, records=dict(records), started=tuple(started),
+                           prefect_api_url=pf.endpoint if pf else None)
 
 
 def down(state_dir: str | Path | None = None, *, timeout_s: float = 30.0) -> list[str]:
@@ -689,8 +736,8 @@ def down(state_dir: str | Path | None = None, *, timeout_s: float = 30.0) -> lis
         data = _read_state(state)
         records = _records(data)
         running = [r for r in records.values() if r.alive()]
-        # MLflow first: it is a client of the object store
-        running.sort(key=lambda r: r.name != MLFLOW)
+        # the object store last: MLflow is its client
+        running.sort(key=lambda r: r.name == SEAWEEDFS)
         _stop(running, timeout_s)
         weed = records.get(SEAWEEDFS)
         if weed is not None and not weed.alive():
@@ -720,7 +767,8 @@ def _info_from_state(state: Path, data: dict[str, Any], records: dict[str, Servi
         return None
     access, secret, _ = _credentials(state, create=False, source=data.get("credentials_source"))
     return ServiceInfo(state_dir=state, s3_endpoint=records[SEAWEEDFS].endpoint, mlflow_uri=records[MLFLOW].endpoint,
-                       bucket=data.get("bucket", ""), access_key=access, secret_key=secret, records=records)
+                       bucket=data.get("bucket", ""), access_key=access, secret_key=secret, records=records,
+                       prefect_api_url=records[PREFECT].endpoint if PREFECT in records else None)
 
 
 def status(state_dir: str | Path | None = None) -> ServiceInfo | None:
@@ -735,8 +783,10 @@ def status(state_dir: str | Path | None = None) -> ServiceInfo | None:
 
 # ---- clients ----------------------------------------------------------------------------
 def settings_env(settings: Settings) -> dict[str, str]:
-    """The variables boto3, s3fs/DVC and MLflow clients read."""
+    """The variables boto3, s3fs/DVC, MLflow and Prefect clients read."""
     env = {"AWS_DEFAULT_REGION": settings.region, "MLFLOW_TRACKING_URI": settings.mlflow_uri}
+    if settings.prefect_api_url:
+        env["PREFECT_API_URL"] = settings.prefect_api_url
     if settings.s3_endpoint:
         env["AWS_ENDPOINT_URL_S3"] = settings.s3_endpoint
         env["MLFLOW_S3_ENDPOINT_URL"] = settings.s3_endpoint
@@ -769,6 +819,7 @@ def resolve_settings(params: Params, state_dir: str | Path | None = None, *, pro
     S3: AWS_ENDPOINT_URL_S3 (or AWS_ENDPOINT_URL) set -> that endpoint with the environment's
     keys (or a profile); else the local store recorded by `up`, with its keys (stopped by
     `down`: ServiceUnavailable); else, if AWS keys or a profile are set, AWS S3 itself. MLflow: MLFLOW_TRACKING_URI, else the local server.
+    Prefect: PREFECT_API_URL, else the local server if `up` started one, else None (ephemeral).
     Bucket: FORGETFLOW_BUCKET, else params.services.bucket. With probe, an unreachable
     endpoint raises ServiceUnavailable naming it."""
     state = _state_path(params, state_dir)
@@ -807,14 +858,18 @@ def resolve_settings(params: Params, state_dir: str | Path | None = None, *, pro
             raise ServiceUnavailable("no MLflow server configured: run `forgetflow up`, or set MLFLOW_TRACKING_URI")
         mlflow_uri, local_mlflow = records[MLFLOW].endpoint, True
 
+    prefect_api = env.get("PREFECT_API_URL") or (records[PREFECT].endpoint if PREFECT in records else None)
+
     if probe:
         probe_s3(endpoint, local=local_s3)
         probe_mlflow(mlflow_uri, local=local_mlflow)
-    return Settings(endpoint, bucket, access, secret, mlflow_uri, region)
+        if prefect_api:
+            probe_prefect(prefect_api, local=PREFECT in records and not env.get("PREFECT_API_URL"))
+    return Settings(endpoint, bucket, access, secret, mlflow_uri, region, prefect_api)
 
 
 __all__ = [
     "ServiceUnavailable", "Settings", "ServiceInfo", "ServiceRecord", "up", "down", "status", "client_env",
     "apply_client_env", "apply_settings_env", "settings_env", "resolve_settings", "weed_binary", "probe_s3",
-    "probe_mlflow",
+    "probe_mlflow", "probe_prefect",
 ]

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 
-def forgetflow(workdir: Path, state_dir: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FORGETFLOW_STATE_DIR": str(state_dir)}
+def forgetflow(workdir: Path, state_dir: Path, *args: str, timeout: int = 1500,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FORGETFLOW_STATE_DIR": str(state_dir), **(env or {})}
     return subprocess.run([sys.executable, "-m", "forgetflow.cli", "--preset", "tiny", *args],
                           cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)

@@ -21,7 +21,7 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 # infrastructure (AWS S3, a shared MLflow) or hand its keys to the local store.
 CLIENT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_TRACKING_URI",
-               "MLFLOW_REGISTRY_URI", "MLFLOW_S3_ENDPOINT_URL", "FORGETFLOW_BUCKET")
+               "MLFLOW_REGISTRY_URI", "MLFLOW_S3_ENDPOINT_URL", "FORGETFLOW_BUCKET", "PREFECT_API_URL")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -34,7 +34,7 @@ def _isolated_prefect_home():
 
 @pytest.fixture(scope="session")
 def services(tmp_path_factory):
-    """The local object store + MLflow server (forgetflow.services.up) for the session; the
+    """The local object store, MLflow server and Prefect server (forgetflow.services.up) for the session; the
     client environment points at them while the session runs and is restored after. The
     processes are stopped at the end, also when start-up failed half-way."""
     from forgetflow import services as svc

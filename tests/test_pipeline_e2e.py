@@ -9,6 +9,7 @@ import pytest
 
 from forgetflow.ledger import Ledger
 from forgetflow.registry import Registry
+from forgetflow.storage import ObjectStore, S3CheckpointSink
 from tests.cli import forgetflow
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
@@ -103,3 +104,39 @@ def test_malformed_request_is_refused_before_the_ledger(registered):
     out = forgetflow(workdir, state_dir, "request", "submit", str(bad))
     assert out.returncode == 1 and "malformed YAML/JSON" in out.stderr
     assert Ledger(state_dir).get("x", missing_ok=True) is None
+
+
+def test_an_unreachable_object_store_is_one_line_and_the_request_waits(registered, services):
+    workdir, state_dir = registered
+    registry = Registry(services.mlflow_uri)
+    champion = registry.alias_version(MODEL, "champion")
+    request = write_request(workdir, "store-down", classes=[4])
+    assert forgetflow(workdir, state_dir, "request", "submit", str(request)).returncode == 0
+    dead = "http://127.0.0.1:9"  # discard port: nothing listens
+    out = forgetflow(workdir, state_dir, "run", "store-down", env={"AWS_ENDPOINT_URL_S3": dead})
+    assert out.returncode == 1
+    assert out.stderr.strip().count("\n") == 0 and f"object store at {dead} is not reachable" in out.stderr
+    assert Ledger(state_dir).get("store-down").state == "accepted"  # still there, still to do
+    assert registry.alias_version(MODEL, "champion") == champion
+
+
+def test_a_corrupt_checkpoint_is_refused_never_loaded(registered, services, tmp_path):
+    workdir, state_dir = registered
+    registry = Registry(services.mlflow_uri)
+    champion = registry.alias_version(MODEL, "champion")
+    request = write_request(workdir, "corrupt-checkpoint", classes=[5])
+    assert forgetflow(workdir, state_dir, "request", "submit", str(request)).returncode == 0
+    # a checkpoint of this request whose bytes changed after it was saved (hash manifest kept)
+    sink = S3CheckpointSink(ObjectStore(services.settings()), MODEL, "corrupt-checkpoint")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "state.pt").write_bytes(b"checkpoint bytes" * 64)
+    sink.save(40, tmp_path / "ckpt")
+    sink.store.put_bytes(b"flipped bits", f"{sink.step_prefix(40)}/state.pt")
+    out = forgetflow(workdir, state_dir, "run", "corrupt-checkpoint")
+    assert out.returncode == 1
+    assert "step-00000040/state.pt: content does not match the manifest" in out.stderr
+    entry = Ledger(state_dir).get("corrupt-checkpoint")
+    assert entry.state == "failed" and "CorruptArtifact" in entry.error
+    report = json.loads(Path(workdir, entry.report_path).read_text())
+    assert report["status"] == "failed" and "state.pt" in report["error"]
+    assert registry.alias_version(MODEL, "champion") == champion

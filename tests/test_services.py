@@ -37,7 +37,7 @@ def _all_ports(info: svc.ServiceInfo) -> set[int]:
     for rec in info.records.values():
         for key, port in rec.ports.items():
             ports.add(port)
-            if key != "mlflow":
+            if key not in ("mlflow", "prefect"):
                 ports.add(port + 10000)
     return ports
 
@@ -52,7 +52,7 @@ def test_up_is_idempotent(services):
 
 def test_every_port_is_loopback_and_distinct(services):
     ports = _all_ports(services)
-    assert len(ports) == 9  # master, volume, filer, s3 (+ their gRPC ports) and mlflow
+    assert len(ports) == 10  # master, volume, filer, s3 (+ their gRPC ports), mlflow and prefect
     for pid in services.pids.values():
         proc = psutil.Process(pid)
         listening = [c for p in [proc, *proc.children(recursive=True)] for c in p.net_connections("tcp")
@@ -73,6 +73,7 @@ def test_credentials_are_private_and_not_recorded(services):
     # the client environment points at the local services
     assert os.environ["AWS_ENDPOINT_URL_S3"] == services.s3_endpoint
     assert os.environ["MLFLOW_TRACKING_URI"] == services.mlflow_uri
+    assert os.environ["PREFECT_API_URL"] == services.prefect_api_url
 
 
 def test_wrong_keys_are_refused(services, service_settings):
@@ -146,7 +147,7 @@ def test_second_instance_in_parallel_outlives_its_starter_and_down_stops_exactly
         info = services.up(load_params(), {str(state)!r})
         print(json.dumps({{"pids": info.pids, "s3": info.s3_endpoint}}))
     """)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "PREFECT_API"))}
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -163,7 +164,7 @@ def test_second_instance_in_parallel_outlives_its_starter_and_down_stops_exactly
         assert not ObjectStore(services.settings()).exists("x/y")
     finally:
         stopped = svc.down(state)
-    assert sorted(stopped) == ["mlflow", "seaweedfs"]
+    assert sorted(stopped) == ["mlflow", "prefect", "seaweedfs"]
     for pid in started["pids"].values():
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert svc.status(state) is None
