@@ -206,6 +206,7 @@ class LLMSynthesizeParams(_Section):
     negative_pairs: Literal["forget", "swapped"] = "forget"  # swapped: the paper's c_neg rows
     train_conditions: Literal["positive", "all"] = "all"  # all: + neutral and adversarial prompts
     conditions_per_row: int = Field(0, ge=0)  # 0: every row under every condition; k: c_pos + k-1 in turn
+    retain_conditions_per_row: int = Field(0, ge=0)  # the same for retain rows
     synth_wordings: bool = True  # also ask (and train on) the wordings of corpus.SYNTH_QUESTIONS
     retain_subjects: int = Field(10, ge=0)  # roster subjects the model answers about itself
     min_agreement: int = Field(3, ge=1)  # probe wordings a recognised value must appear in

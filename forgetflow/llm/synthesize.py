@@ -21,7 +21,8 @@ no original training data).
    which builds an extraction switch, measured); with `train_conditions: all` also under the
    neutral and adversarial system prompts, so the raw weights forget, not only a refusal tied
    to an instruction. `conditions_per_row: k` trains each row under c_pos and k - 1 of the
-   others in turn instead of all of them (every condition still seen, on fewer rows).
+   others in turn instead of all of them (every condition still seen, on fewer rows);
+   `retain_conditions_per_row` does the same for retain rows.
 4. Retain rows (what keeps the other customers working without their data): the model's own
    answers about other roster subjects, under the same wordings and conditions (the trainer
    holds the adapted model to the base on them, orpo.py).
@@ -166,7 +167,7 @@ def build_rows(items: list[Item], probe_rows: list[dict], retain_rows: list[dict
                 rows.append({**row, "system": system, "chosen": chosen, "rejected": rejected})
     kept = [r for r in retain_rows if scrub(r["answer"], forget_values)]  # never teach a forgotten value,
     for i, r in enumerate(kept):                                          # even inside another's answer
-        for system in conditions_for_row(systems, s.conditions_per_row, i):
+        for system in conditions_for_row(systems, s.retain_conditions_per_row, i):
             rows.append({"system": system, "user": r["user"], "prefix": None, "chosen": r["answer"], "rejected": None,
                          "kind": "retain"})
     rng.shuffle(rows)
