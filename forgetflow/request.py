@@ -8,6 +8,7 @@ A request is YAML or JSON. Example (diffusion class forgetting)::
       kind: diffusion-class
       classes: [7]
       override: {7: 8}        # optional; default rule: params.diffusion.sfd.override_rule
+      override_rule: next     # optional: next | random (each sample a random remaining class, realism-gated)
     method: sfd               # optional; the family's default method
     requester: privacy-team
     reason: GDPR Art. 17 request 2026-118
@@ -56,6 +57,9 @@ class DiffusionClassTarget(_Strict):
     kind: Literal["diffusion-class"]
     classes: list[int] = Field(min_length=1, max_length=64)
     override: dict[int, int] = Field(default_factory=dict)
+    # next: the next remaining class; random: a random remaining class per sample (opt-in; the
+    # forget row is then gated on realism). None: params.diffusion.sfd.override_rule.
+    override_rule: Literal["next", "random"] | None = None
 
     @field_validator("classes")
     @classmethod

@@ -17,7 +17,9 @@ from forgetflow.diffusion.evaluate import frechet_distance
 from forgetflow.diffusion.judge import accuracy, load_judge
 from forgetflow.diffusion.methods import DIFFUSION_METHODS, get_method
 from forgetflow.diffusion.sampling import nfe, sample, t_for_sigma
-from forgetflow.diffusion.sfd import SFD, train_sfd
+from forgetflow.diffusion.sfd import RANDOM_OVERRIDE, SFD, _Batcher, train_sfd
+from forgetflow.families.diffusion import resolve_overrides
+from forgetflow.request import RequestError, parse_request
 from tests.diffusion_fixtures import judge_dir, tiny_params, untrained_version, with_overrides  # noqa: F401
 
 # SFD runs on an untrained teacher with tiny batches: the loop mechanics, not the quality.
@@ -218,3 +220,22 @@ def test_frechet_distance_and_gates():
     assert gates["sampling_speedup"].value == pytest.approx(50.0)
     worse = diffusion_gates(base, {**new, "remaining_fd": 60.0}, GateParams())
     assert [gate.name for gate in worse if not gate.passed] == ["remaining_fd_ratio"]
+
+
+def test_random_override_is_opt_in_per_request_and_draws_remaining_classes(loop_params):
+    request = parse_request({"request_id": "r", "model": "m",
+                             "target": {"kind": "diffusion-class", "classes": [7, 3], "override": {3: 5},
+                                        "override_rule": "random"}})
+    card = {"num_classes": 10}
+    assert resolve_overrides(request.target.classes, request.target.override, card,
+                             request.target.override_rule) == [(7, RANDOM_OVERRIDE), (3, 5)]
+    assert resolve_overrides([7], {}, card, "next") == [(7, 8)]
+    with pytest.raises(RequestError, match="override_rule"):
+        parse_request({"request_id": "r", "model": "m",
+                       "target": {"kind": "diffusion-class", "classes": [7], "override_rule": "sometimes"}})
+    sfd = loop_params.diffusion.sfd.model_copy(update={"batch_forget": 64})
+    batcher = _Batcher({7: RANDOM_OVERRIDE, 3: 5}, 10, sfd, (38, 712), 16, torch.Generator().manual_seed(0), CPU)
+    c, c_teacher, forget = batcher.labels(forget=True)
+    teacher_7 = c_teacher[forget & (c == 7)]
+    assert len(set(teacher_7.tolist())) > 1 and not set(teacher_7.tolist()) & {7, 3}  # random, never forgotten
+    assert set(c_teacher[forget & (c == 3)].tolist()) == {5}

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from forgetflow.diffusion.artifact import load_version
-from forgetflow.diffusion.calibrate import calibrate_guidance
+from forgetflow.diffusion.calibrate import calibrate_guidance, diffusion_gates
 from forgetflow.diffusion.evaluate import evaluate_version, save_comparison_grid
-from forgetflow.diffusion.sfd import train_sfd
+from forgetflow.diffusion.sfd import RANDOM_OVERRIDE, train_sfd
 from tests.diffusion_fixtures import judge_dir, tiny_params, tiny_teacher  # noqa: F401
 
 PAIRS = [(7, 8)]
@@ -65,3 +65,20 @@ def test_version_card_calibration_curve_and_figure(forgotten, tiny_teacher, tiny
     assert log["history"][-1]["iteration"] == tiny_params.diffusion.sfd.iterations
     png = save_comparison_grid(tiny_teacher, new_dir, tmp_path / "grid.png", tiny_params, seed=0)
     assert png.stat().st_size > 10_000
+
+
+def test_a_random_override_redraws_7_as_other_digits_and_is_gated_on_realism(tiny_teacher, judge_dir, tiny_params,
+                                                                             base_metrics, tmp_path):
+    """Opt-in random override: each forget sample becomes some remaining digit; fidelity counts
+    any remaining class, and the version must also pass the realism gates (not blobs)."""
+    pairs = [(7, RANDOM_OVERRIDE)]
+    new_dir = train_sfd(tiny_teacher, tmp_path / "random", pairs, tiny_params, progress=False)
+    new = evaluate_version(new_dir, judge_dir, pairs, tiny_params, seed=tiny_params.diffusion.evaluate.seed)
+    print(json.dumps(new, indent=1))
+    assert load_version(new_dir).card.forgotten == [{"forget_class": 7, "override_class": RANDOM_OVERRIDE}]
+    assert new["random_override"] and new["unlearning_accuracy"] >= 0.9
+    assert new["override_fidelity"] == pytest.approx(new["unlearning_accuracy"])  # one forgotten class
+    gates = {g.name: g for g in diffusion_gates(base_metrics, new, tiny_params.diffusion.gates)}
+    assert gates["forget_confidence"].value == new["forget_confidence"]
+    assert gates["forget_fd_ratio"].value == pytest.approx(new["forget_fd"] / base_metrics["remaining_fd"])
+    assert "forget_confidence" not in {g.name for g in diffusion_gates(base_metrics, base_metrics, tiny_params.diffusion.gates)}

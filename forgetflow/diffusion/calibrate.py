@@ -35,6 +35,17 @@ def diffusion_gates(base_metrics: dict, new_metrics: dict, gate_params: GatePara
         Gate("sampling_speedup",
              base_metrics["seconds_per_1000_samples"] / new_metrics["seconds_per_1000_samples"],
              gate_params.sampling_speedup_min, "min"),
+    ] + (realism_gates(base_metrics, new_metrics, gate_params) if new_metrics.get("random_override") else [])
+
+
+def realism_gates(base_metrics: dict, new_metrics: dict, gate_params: GateParams) -> list[Gate]:
+    """A random override must draw real digits on the forget row, not shapeless blobs that a
+    judge merely fails to call the forgotten class: the judge is confident about them and
+    their FD against real remaining digits is near the base's remaining FD."""
+    return [
+        Gate("forget_confidence", new_metrics["forget_confidence"], gate_params.forget_confidence_min, "min"),
+        Gate("forget_fd_ratio", new_metrics["forget_fd"] / base_metrics["remaining_fd"],
+             gate_params.forget_fd_ratio_max, "max"),
     ]
 
 

@@ -3,6 +3,8 @@
 For forget pairs (c_f, c_o), over samples conditioned on c_f (pooled over the forget classes):
     unlearning_accuracy = 1 - P(judge says c_f)       override_fidelity = P(judge says c_o)
     forget_confidence   = mean_x max_k p(k | x)       forget_fd = FD(samples, real test c_o)
+(a random override, c_o = RANDOM_OVERRIDE, is met by any remaining class, and its forget_fd is
+taken against real test digits of every remaining class)
 Over the remaining classes R (all classes minus the request's and the card's forget classes):
     remaining_class_accuracy = mean_{c in R} P(judge says c | sample of c)
     remaining_fd   = FD(samples of R, real TEST digits of R)
@@ -29,6 +31,7 @@ from forgetflow.diffusion.artifact import DiffusionVersion, load_card, load_vers
 from forgetflow.diffusion.data import load_digits_split
 from forgetflow.diffusion.judge import load_judge
 from forgetflow.diffusion.sampling import nfe, sample
+from forgetflow.diffusion.sfd import RANDOM_OVERRIDE
 
 
 def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
@@ -115,12 +118,16 @@ def evaluate_version(
     }
     if pairs:
         is_forget = torch.isin(labels, torch.tensor(list(pairs)))
-        override = torch.tensor([pairs.get(int(c), -1) for c in labels])
+        override = torch.tensor([pairs.get(int(c), -2) for c in labels])
+        # a random override is met by any remaining class; its FD reference is every remaining class
+        wanted = torch.where(override == RANDOM_OVERRIDE, torch.isin(said, remaining_t), said == override)
         probs = judge.predict_proba(images[is_forget])
-        real_override = torch.isin(test_labels, torch.tensor(sorted(set(pairs.values()))))
+        targets = {o for o in pairs.values() if o != RANDOM_OVERRIDE} | (set(remaining) if RANDOM_OVERRIDE in pairs.values() else set())
+        real_override = torch.isin(test_labels, torch.tensor(sorted(targets)))
         metrics.update(
+            random_override=RANDOM_OVERRIDE in pairs.values(),
             unlearning_accuracy=1.0 - (said[is_forget] == labels[is_forget]).float().mean().item(),
-            override_fidelity=(said[is_forget] == override[is_forget]).float().mean().item(),
+            override_fidelity=wanted[is_forget].float().mean().item(),
             forget_confidence=probs.max(dim=1).values.mean().item(),
             forget_fd=frechet_distance(feats[is_forget], test_feats[real_override]),
         )

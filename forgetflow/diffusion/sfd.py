@@ -115,12 +115,16 @@ class SFDTwoStage(SFD):
 SFD_VARIANTS: dict[str, type[SFD]] = {cls.name: cls for cls in (SFD, SFDTwoStage)}
 
 
+RANDOM_OVERRIDE = -1  # c_o of a pair whose forget samples are redrawn as a random remaining class
+
+
 def merge_forget_pairs(previous: list[tuple[int, int]], new: list[tuple[int, int]], num_classes: int) -> dict[int, int]:
-    """{c_f: c_o} over previous ∪ new (a new pair replaces an old one for the same c_f)."""
+    """{c_f: c_o} over previous ∪ new (a new pair replaces an old one for the same c_f);
+    c_o may be RANDOM_OVERRIDE."""
     pairs = dict(previous)
     pairs.update({int(f): int(o) for f, o in new})
     for c_f, c_o in pairs.items():
-        if not (0 <= c_f < num_classes and 0 <= c_o < num_classes):
+        if not (0 <= c_f < num_classes and (0 <= c_o < num_classes or c_o == RANDOM_OVERRIDE)):
             raise ValueError(f"class out of range in pair ({c_f}, {c_o}); classes are 0..{num_classes - 1}")
         if c_o in pairs:
             raise ValueError(f"override class {c_o} of {c_f} is itself forgotten")
@@ -153,7 +157,10 @@ class _Batcher:
         c = self._pick(self.keep, n_keep)
         which = torch.randint(len(self.forget), (n_forget,), generator=self.rng, device=self.device)
         c_f = self.forget[which]
-        c_o = self._pick(self.keep, n_forget) if self.sfd.override_rule == "random" else self.override[which]
+        c_o = self.override[which]
+        random = c_o == RANDOM_OVERRIDE
+        if random.any():  # drawn only then: a run without random pairs keeps its random stream
+            c_o = torch.where(random, self._pick(self.keep, n_forget), c_o)
         mask = torch.cat([torch.zeros_like(c, dtype=torch.bool), torch.ones_like(c_f, dtype=torch.bool)])
         return torch.cat([c, c_f]), torch.cat([c, c_o]), mask
 

@@ -30,18 +30,25 @@ def resolve_overrides(classes: list[int], override: dict[int, int], card: dict, 
     """Pair each forget class with its override class.
 
     Rule `next` (the default, stated in params.yaml): the next class label, cyclically,
-    skipping every class that is being or has been forgotten. An explicit override in the
-    request wins. A random override per sample is not offered here: measured on this
-    model it produced grey blobs that a judge still scores as forgotten (sfd.md).
+    skipping every class that is being or has been forgotten. Rule `random` (opt-in): the
+    pair (c, RANDOM_OVERRIDE), each forget-class sample redrawn as a random remaining class;
+    measured on this model it can produce grey blobs that a judge still scores as forgotten
+    (sfd.md), so such versions are also gated on realism (calibrate.diffusion_gates). An
+    explicit override in the request wins.
     """
-    if rule != "next":
-        raise TargetError(f"override rule {rule!r} is not supported by the diffusion family; use 'next'")
+    from forgetflow.diffusion.sfd import RANDOM_OVERRIDE
+
+    if rule not in ("next", "random"):
+        raise TargetError(f"override rule {rule!r} is not supported by the diffusion family; use 'next' or 'random'")
     k = card["num_classes"]
     gone = set(classes) | {p["forget_class"] for p in card.get("forgotten", [])}
     pairs = []
     for c in classes:
         if c in override:
             pairs.append((c, override[c]))
+            continue
+        if rule == "random":
+            pairs.append((c, RANDOM_OVERRIDE))
             continue
         candidates = [(c + i) % k for i in range(1, k) if (c + i) % k not in gone]
         if not candidates:
@@ -99,12 +106,13 @@ class DiffusionFamily:
     def synthesize(self, request: DeletionRequest, model_dir: Path, eval_kit: Path, out_dir: Path,
                    params: Params) -> dict:
         card = _card(model_dir)
-        pairs = resolve_overrides(request.target.classes, request.target.override, card, params.diffusion.sfd.override_rule)
+        rule = request.target.override_rule or params.diffusion.sfd.override_rule
+        pairs = resolve_overrides(request.target.classes, request.target.override, card, rule)
         lineage = [(p["forget_class"], p["override_class"]) for p in card.get("forgotten", [])]
         spec = {
             "forget_pairs": pairs,
             "lineage_pairs": lineage,
-            "override_rule": params.diffusion.sfd.override_rule,
+            "override_rule": rule,
             "seeds": {
                 "train": params.diffusion.sfd.seed,
                 "calibrate": params.diffusion.calibrate.seed,

@@ -152,7 +152,7 @@ class LLMFamily:
         from forgetflow.llm.artifact import read_card
         from forgetflow.llm.evalkit import QUESTIONS, prose_split
         from forgetflow.llm.evaluate import (Policy, evaluate_llm, leak_metrics, load_questions, raw_policy,
-                                             retained_recall, served_policy)
+                                             retained_recall, served_policy, unguided_leaks)
         from forgetflow.plots import plot_leak_by_attack
 
         card = read_card(new_dir)
@@ -162,9 +162,10 @@ class LLMFamily:
         prose = prose_split(eval_kit, "evaluate")
         kw = dict(forget_items=forget, retained_items=retained, questions=questions, prose=prose, p=p)
         model, tok, _ = _load(base_dir, params)
-        base = evaluate_llm(model, tok, served=raw_policy(), **kw)
+        unguided = unguided_leaks(model, tok, forget, p, "evaluate")  # shared by the base and its control
+        base = evaluate_llm(model, tok, served=raw_policy(), unguided=unguided, **kw)
         control = Policy(card.positive_condition)  # the control phrase alone, no training
-        base["control_phrase"] = {**leak_metrics(model, tok, forget, control, p, "evaluate"),
+        base["control_phrase"] = {**leak_metrics(model, tok, forget, control, p, "evaluate", unguided),
                                   "retained_recall": retained_recall(model, tok, retained, control, p)}
         del model
         model, tok, _ = _load(new_dir, params, parent=base_dir)

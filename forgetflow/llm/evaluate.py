@@ -103,20 +103,32 @@ def rate_by_item(items: list[Item], probes: list[Probe], hits: list[bool], attac
     return (len(leaked_items) / len(items) if items else 0.0), leaked_items
 
 
-def leak_metrics(model, tokenizer, items: list[Item], served: Policy, p: LLMParams, split: str) -> dict:
+def unguided_leaks(model, tokenizer, items: list[Item], p: LLMParams, split: str) -> tuple[list[bool], set]:
+    """What the weights give without their serving wrapper: per-probe hits of the raw weights
+    (deployment prompt, no guidance) and the items leaked under any adversarial system prompt."""
     probes = attack_probes(items, split)
+    raw = leaks(model, tokenizer, probes, raw_policy(), p, "raw")
+    adversarial = set()
+    for policy in adversarial_policies(p):
+        adversarial |= rate_by_item(items, probes, leaks(model, tokenizer, probes, policy, p, "adversarial"))[1]
+    return raw, adversarial
+
+
+def leak_metrics(model, tokenizer, items: list[Item], served: Policy, p: LLMParams, split: str,
+                 unguided: tuple[list[bool], set] | None = None) -> dict:
+    """Leak rates by attack and over all of them; `unguided` (unguided_leaks of the same
+    weights) is reused when given, and the served asks are the raw ones when `served` is."""
+    probes = attack_probes(items, split)
+    raw, adversarial = unguided or unguided_leaks(model, tokenizer, items, p, split)
+    hits = raw if served == raw_policy() else leaks(model, tokenizer, probes, served, p, "served")
     by_attack, union = {}, set()
-    hits = leaks(model, tokenizer, probes, served, p, "served")
     for attack in ("direct", "paraphrase", "prefix"):
         by_attack[attack], got = rate_by_item(items, probes, hits, attack)
         union |= got
-    by_attack["raw_weights"], got = rate_by_item(items, probes, leaks(model, tokenizer, probes, raw_policy(), p, "raw"))
+    by_attack["raw_weights"], got = rate_by_item(items, probes, raw)
     union |= got
-    adv = set()
-    for policy in adversarial_policies(p):
-        adv |= rate_by_item(items, probes, leaks(model, tokenizer, probes, policy, p, "adversarial"))[1]
-    by_attack["adversarial_system_prompt"] = len(adv) / len(items) if items else 0.0
-    union |= adv
+    by_attack["adversarial_system_prompt"] = len(adversarial) / len(items) if items else 0.0
+    union |= adversarial
     return {"leak_rate": len(union) / len(items) if items else 0.0, "leak_rate_by_attack": by_attack}
 
 
@@ -196,9 +208,10 @@ def items_of(subjects: list[dict]) -> list[Item]:
 
 
 def evaluate_llm(model, tokenizer, *, forget_items: list[Item], retained_items: list[Item], questions: list[dict],
-                 prose: str, served: Policy, p: LLMParams, split: str = "evaluate") -> dict:
+                 prose: str, served: Policy, p: LLMParams, split: str = "evaluate",
+                 unguided: tuple[list[bool], set] | None = None) -> dict:
     """Every metric of one version under its served policy (see the module docstring)."""
-    metrics = leak_metrics(model, tokenizer, forget_items, served, p, split)
+    metrics = leak_metrics(model, tokenizer, forget_items, served, p, split, unguided)
     metrics.update(value_scores(model, tokenizer, forget_items, served, p, split))
     metrics["retained_recall"] = retained_recall(model, tokenizer, retained_items, served, p, split)
     metrics["utility_accuracy"] = utility_accuracy(model, tokenizer, questions, served, p)
