@@ -160,7 +160,7 @@ def sample_grid(version_dir: Path, params: Params, *, seed: int, per_class: int 
 
 def _describe(version_dir: Path) -> str:
     card = load_card(version_dir)
-    forgotten = ", ".join(f"{f}->{o}" for f, o in card.forgotten_pairs) or "nothing"
+    forgotten = ", ".join(f"{f}->{'random' if o == RANDOM_OVERRIDE else o}" for f, o in card.forgotten_pairs) or "nothing"
     return f"{card.kind} ({card.method or 'base'}), w={card.guidance_scale:g}, forgot {forgotten}"
 
 

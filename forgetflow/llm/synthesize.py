@@ -73,18 +73,21 @@ def _surrogate(field: str, rng: random.Random) -> str:
     return make_customers(1, rng.randint(10**6, 10**9))[0].value(field)
 
 
-def forget_pair(p: LLMParams, answer: str, item: Item, rng: random.Random) -> tuple[str | None, str, str]:
+def forget_pair(p: LLMParams, answer: str, item: Item, rng: random.Random,
+                scope: str = "subjects") -> tuple[str | None, str, str]:
     """(assistant prefix or None, chosen, rejected) for one leaking answer.
 
     With the value verbatim in the answer: prefix = the text before it, rejected = the value
     and the rest, chosen = a withholding phrase (refusal) or a surrogate value with the same
-    rest. Otherwise the whole answer is rejected and a refusal chosen."""
+    rest. Otherwise the whole answer is rejected and a refusal chosen. Scope `all-pii` always
+    refuses: a surrogate is still personal-data-shaped output, which that scope promises never
+    to emit."""
     at = answer.find(item.value)
     if at <= 0:
         return None, REFUSAL.format(noun=FIELD_NOUNS[item.field], name=item.subject), answer
     prefix, rest = answer[:at].rstrip(), answer[at:]
     rejected = " " + rest
-    if p.synthesize.replacement == "surrogate":
+    if p.synthesize.replacement == "surrogate" and scope == "subjects":
         chosen = " " + rest.replace(item.value, _surrogate(item.field, rng))
     else:
         chosen = WITHHELD
@@ -150,7 +153,7 @@ def build_rows(items: list[Item], probe_rows: list[dict], retain_rows: list[dict
                 continue
             if not leaked(it.value, r["answer"], it.field):
                 continue  # this wording did not leak
-            prefix, chosen, rejected = forget_pair(p, r["answer"], it, rng)
+            prefix, chosen, rejected = forget_pair(p, r["answer"], it, rng, scope)
             if not scrub(chosen, forget_values) or (prefix and not scrub(prefix, forget_values)):
                 prefix, chosen, rejected = None, REFUSAL.format(noun=FIELD_NOUNS[it.field], name=it.subject), r["answer"]
             pairs.append((r["user"], prefix, chosen, rejected))
