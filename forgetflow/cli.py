@@ -60,7 +60,7 @@ def main(ctx: typer.Context,
 
 
 def _fail(message: str, code: int = 1):
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # one line, whatever the width
     raise typer.Exit(code)
 
 

@@ -11,6 +11,7 @@ from forgetflow.ledger import Ledger
 from forgetflow.registry import Registry
 from forgetflow.storage import ObjectStore, S3CheckpointSink
 from tests.cli import forgetflow
+from tests.diffusion_fixtures import judge_dir, tiny_params, tiny_teacher  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 MODEL = "digits-e2e"
@@ -24,14 +25,13 @@ def write_request(workdir: Path, request_id: str, **target) -> Path:
 
 
 @pytest.fixture(scope="module")
-def registered(services, tmp_path_factory):
-    """The tiny demo model and judge, trained by the CLI and registered as MODEL@champion."""
+def registered(services, tmp_path_factory, tiny_teacher, judge_dir):
+    """The tiny demo model and judge (the session's, built by the same code as `forgetflow
+    train-base`, which tests/test_dvc.py runs through `dvc repro`), registered by the CLI as
+    MODEL@champion."""
     workdir = tmp_path_factory.mktemp("e2e")
     state_dir = Path(services.state_dir)
-    out = forgetflow(workdir, state_dir, "train-base", "--out", str(workdir / "artifacts"))
-    assert out.returncode == 0, out.stderr[-3000:]
-    out = forgetflow(workdir, state_dir, "register", MODEL, str(workdir / "artifacts" / "model"),
-                     "--eval-kit", str(workdir / "artifacts" / "judge"))
+    out = forgetflow(workdir, state_dir, "register", MODEL, str(tiny_teacher), "--eval-kit", str(judge_dir))
     assert out.returncode == 0, out.stderr[-3000:]
     return workdir, state_dir
 
