@@ -14,7 +14,7 @@ from forgetflow.llm.chat import prompt_ids
 from forgetflow.llm.generation import continuation_logprobs, generate, guided_logprobs
 from forgetflow.llm.orpo import log1m_exp, mean_logps, orpo_loss, retain_kl
 from forgetflow.llm.pii import leaked, recognise, subject_hash
-from forgetflow.llm.synthesize import build_rows, split_roster
+from forgetflow.llm.synthesize import WITHHELD, build_rows, split_roster
 from forgetflow.request import RequestError, parse_request
 
 
@@ -187,6 +187,16 @@ def test_rows_train_every_condition_and_never_teach_a_forgotten_value():
     assert all(leaked("212-555-0147", r["rejected"], "phone") for r in forget)
     assert len(forget) == len({c.positive, c.negative, *c.neutral, *c.adversarial})  # one leaking wording
     assert kept and all("Bo Li" in r["chosen"] for r in kept)  # the retain row leaking Ada is dropped
+
+
+def test_surrogate_replacements_only_for_named_subjects_and_all_pii_always_withholds():
+    p = _synth(load_params(preset="tiny").llm, replacement="surrogate")
+    items = [Item("Ada Byron", "phone", "212-555-0147")]
+    named = [r for r in build_rows(items, _probe_rows(), [], p, seed=0) if r["kind"] == "forget"]
+    assert named and all(recognise(r["chosen"]).get("phone") for r in named)  # another phone number
+    assert all(not leaked("212-555-0147", r["chosen"], "phone") for r in named)
+    everyone = [r for r in build_rows(items, _probe_rows(), [], p, seed=0, scope="all-pii") if r["kind"] == "forget"]
+    assert everyone and all(r["chosen"] == WITHHELD for r in everyone)
 
 
 def test_conditions_per_row_keeps_the_positive_condition_and_cycles_the_others():
