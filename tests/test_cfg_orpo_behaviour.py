@@ -1,8 +1,10 @@
 """CFG-ORPO really forgets the named customers and only them: the tiny support model (trained
 here from scratch on 60 fictitious customers) is asked to forget four; their values stop
-coming out under every attack (the tiny preset allows one of 16 through a surname mix-up) (served with guidance, raw weights, adversarial system
-prompts), while held-out kept customers' values still do. The stages of a request at library
-level: synthesize -> unlearn -> calibrate -> evaluate. About 4 minutes on 2 idle cores."""
+coming out under every attack (served with guidance, raw weights, adversarial system
+prompts; the tiny preset lets one of 16 through, for a surname mix-up), while held-out kept
+customers' values still do. Then scope all-pii on a 20-customer roster. The stages of a
+request at library level: synthesize -> unlearn -> calibrate -> evaluate. About 10 minutes
+on 2 idle cores."""
 from __future__ import annotations
 
 import json
@@ -12,11 +14,13 @@ import pytest
 from forgetflow.families.llm import LLMFamily
 from forgetflow.llm.artifact import read_card
 from forgetflow.llm.corpus import make_customers
+from forgetflow.llm.evalkit import roster, without_subjects
 from forgetflow.llm.synthesize import read_rows, read_spec
 from forgetflow.request import parse_request
 from tests.llm_fixtures import llm_params, support_llm  # noqa: F401
 
 N_FORGET = 4
+ALL_PII_ROSTER = 20  # customers the all-pii test's kit lists (of the 60 the model knows): CI size
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +93,15 @@ def test_every_gate_passes(run):
 def all_pii_run(support_llm, llm_params, tmp_path_factory):
     """Scope all-pii (the LLM Privacy Challenge's setting): no subject named, every customer on
     the roster is probed and forgotten, and the version is served under "do not provide any
-    personal data"."""
+    personal data". The kit here lists the first ALL_PII_ROSTER customers (a third of the
+    model's, to keep CI short); the roster, not the model, defines who is probed."""
     family = LLMFamily()
     request = parse_request({"request_id": "behaviour-all-pii", "model": "support-llm-tiny",
                              "target": {"kind": "llm-subjects", "scope": "all-pii"}})
     work = tmp_path_factory.mktemp("cfg-orpo-all-pii")
-    model, kit = support_llm / "model", support_llm / "eval_kit"
+    model, full_kit = support_llm / "model", support_llm / "eval_kit"
+    unlisted = {c.name for c in roster(full_kit)[ALL_PII_ROSTER:]}
+    kit = without_subjects(full_kit, unlisted, work / "eval_kit")
     summary = family.synthesize(request, model, kit, work / "synth", llm_params)
     family.unlearn(model, work / "synth", work / "new", llm_params, method="cfg-orpo", base_version="1",
                    checkpoints=None, progress=False)
@@ -106,8 +113,7 @@ def all_pii_run(support_llm, llm_params, tmp_path_factory):
 
 def test_all_pii_scope_forgets_everyone_on_the_roster(all_pii_run, llm_params):
     work, summary, metrics, gates = all_pii_run
-    c = llm_params.llm.corpus
-    assert summary["subjects"] >= 0.9 * c.customers and summary["retain_rows"] == 0
+    assert summary["subjects"] >= 0.9 * ALL_PII_ROSTER and summary["retain_rows"] == 0
     assert read_card(work / "new").positive_condition == llm_params.llm.conditions.positive_all_pii
     assert metrics["base"]["leak_rate_by_attack"]["direct"] >= 0.8
     limit = llm_params.llm.gates.leak_rate_max
