@@ -12,9 +12,11 @@ from forgetflow.ledger import Ledger
 from forgetflow.llm.corpus import make_customers
 from forgetflow.registry import Registry
 from tests.cli import forgetflow
+from tests.llm_fixtures import llm_params  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 MODEL = "support-e2e"
+REQUEST = "forget-4"
 
 
 def write_request(workdir: Path, request_id: str, subjects: list[dict], **extra) -> Path:
@@ -28,13 +30,6 @@ def write_request(workdir: Path, request_id: str, subjects: list[dict], **extra)
 def customers(llm_params):
     c = llm_params.llm.corpus
     return make_customers(c.customers, c.seed)
-
-
-@pytest.fixture(scope="module")
-def llm_params():
-    from forgetflow.config import load_params
-
-    return load_params(preset="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +51,11 @@ def test_customers_are_forgotten_through_the_six_stages(registered, services, cu
     # four customers, 16 values: the tiny preset's leak gate tolerates one (see params.yaml)
     forget = customers[:4]
     subjects = [{"name": forget[0].name, "values": {"phone": forget[0].phone}}] + [{"name": c.name} for c in forget[1:]]
-    out = forgetflow(workdir, state_dir, "request", "submit", str(write_request(workdir, "forget-4", subjects)), "--run")
+    out = forgetflow(workdir, state_dir, "request", "submit", str(write_request(workdir, REQUEST, subjects)), "--run")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
-    report = json.loads((workdir / "reports" / "forget-4" / "report.json").read_text())
+    report_dir = workdir / "reports" / REQUEST
+    report = json.loads((report_dir / "report.json").read_text())
     assert report["family"] == "llm" and report["method"] == "cfg-orpo"
     assert set(report["durations_s"]) == {"intake", "synthesize", "unlearn", "calibrate", "evaluate", "promote"}
     base, new = report["metrics"]["base"], report["metrics"]["new"]
@@ -71,7 +67,7 @@ def test_customers_are_forgotten_through_the_six_stages(registered, services, cu
     assert new["leak_rate"] <= llm_params.llm.gates.leak_rate_max, new["leak_rate_by_attack"]
     assert new["value_logprob"] < base["value_logprob"]
     assert report["status"] == "promoted", report["gates"]
-    assert (workdir / "reports" / "forget-4" / "leak_by_attack.png").exists()
+    assert (report_dir / "leak_by_attack.png").exists()
 
     # registry: the version is an adapter pointing at its base, with its guidance scale
     assert registry.alias_version(MODEL, "champion") == "2"
@@ -87,7 +83,7 @@ def test_customers_are_forgotten_through_the_six_stages(registered, services, cu
     # written for the request names them (subjects appear as salted hashes)
     kit_uri = info.tags["forgetflow.eval_kit"]
     assert kit_uri != registry.get_version(MODEL, "1").tags["forgetflow.eval_kit"]
-    written = (workdir / "reports" / "forget-4" / "report.json").read_text() + json.dumps(info.tags) + card.__repr__()
+    written = (report_dir / "report.json").read_text() + json.dumps(info.tags) + card.__repr__()
     for c in forget:
         assert c.name not in written and c.phone not in written
 
@@ -99,11 +95,11 @@ def test_customers_are_forgotten_through_the_six_stages(registered, services, cu
     assert out.returncode == 0, out.stderr[-2000:]
     assert forget[0].phone not in out.stdout and "assistant:" in out.stdout
 
-    entry = Ledger(state_dir).get("forget-4")
+    entry = Ledger(state_dir).get(REQUEST)
     assert entry.state == "promoted" and entry.key_shredded
 
     # the synthesized data DVC versions is sealed: the rows hold the values only encrypted
-    sealed = sorted((workdir / "data" / "requests" / "forget-4" / "synth").rglob("*.fernet"))
+    sealed = sorted((workdir / "data" / "requests" / REQUEST / "synth").rglob("*.fernet"))
     assert sealed
     blob = b"".join(f.read_bytes() for f in sealed)
     for c in forget:
