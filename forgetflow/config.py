@@ -80,7 +80,7 @@ class SamplerParams(_Section):
 class SFDParams(_Section):
     """Score Forgetting Distillation (Chen et al., ICLR 2025); names follow the paper."""
 
-    iterations: int = 300
+    iterations: int = 200
     batch_remaining: int = 32
     batch_forget: int = 16
     lambda_f: float = 0.1
@@ -120,7 +120,6 @@ class EvaluateParams(_Section):
     forget_samples: int = 500
     samples_per_remaining_class: int = 200
     seed: int = 30_000
-    speed_samples: int = 1000
 
 
 class GateParams(_Section):
