@@ -81,6 +81,20 @@ def test_guided_scores_equal_the_mix_of_the_two_branches(tiny_lm):
 
 
 # ---- ORPO -------------------------------------------------------------------------------
+def test_scores_of_a_mixed_batch_equal_full_logits_of_each_row_alone(tiny_lm):
+    """Left padding + logits_to_keep give the same log-probs as scoring every row unpadded."""
+    model, tok = tiny_lm
+    prompts = [prompt_ids(tok, "A", "Hello"), prompt_ids(tok, "You are a helpful assistant.", "What is my phone?")]
+    conts = [tok(" I'm sorry, I can't", add_special_tokens=False)["input_ids"], tok(" 5", add_special_tokens=False)["input_ids"]]
+    batched = continuation_logprobs(model, tok, prompts, conts, batch_size=2)
+    for p, c, got in zip(prompts, conts, batched):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:len(p) - 1 + len(c)]
+        want = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(c)[:, None])[:, 0]
+        assert got.shape == (len(c),)
+        assert torch.allclose(got, want, atol=1e-4)
+
+
 def test_orpo_log_odds_and_loss_follow_the_definition():
     c, r = torch.tensor([-0.5, -2.0]), torch.tensor([-1.5, -0.1])
     assert torch.allclose(log1m_exp(c), torch.log(1 - torch.exp(c)))
