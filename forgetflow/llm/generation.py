@@ -34,18 +34,29 @@ def guided_logprobs(logp_pos: torch.Tensor, logp_neg: torch.Tensor | None, gamma
     return p.clamp_min(1e-30).log()
 
 
+def _left_padded(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token-id rows padded on the left to the longest."""
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+    return ids, mask
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that ignore left padding: 0 at each row's first real token."""
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
 class _Branch:
     """One condition's left-padded batch and KV cache during decoding."""
 
     def __init__(self, model, prompts: list[list[int]], pad_id: int, device: torch.device):
-        width = max(len(p) for p in prompts)
         self.model = model
-        self.ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-        self.mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        self.ids, self.mask = _left_padded(prompts, pad_id, device)
         self.past = None
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        positions = (self.mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
+        positions = _positions(self.mask)[:, -ids.shape[1]:]
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions,
                          past_key_values=self.past, use_cache=True)
         self.past = out.past_key_values
@@ -102,14 +113,12 @@ def _branch_token_logprobs(model, prompts: list[list[int]], continuations: list[
     which for a 49k-token vocabulary is a fifth of a small model's forward pass. Positions
     come from the attention mask, so the padding changes no score."""
     device = next(model.parameters()).device
-    seqs = [p + c for p, c in zip(prompts, continuations)]
-    width, longest = max(len(s) for s in seqs), max(len(c) for c in continuations)
-    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+    ids, mask = _left_padded([p + c for p, c in zip(prompts, continuations)], pad_id, device)
+    longest = max(len(c) for c in continuations)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
                    logits_to_keep=longest + 1).logits.float()
-    # logits[:, j] sits at position width - longest - 1 + j and predicts the token after it
+    # logits[:, j] sits at position width - longest - 1 + j (width = ids.shape[1]) and
+    # predicts the token after it
     rows = [F.pad(logits[i, longest - len(c):longest], (0, 0, 0, longest - len(c)))
             for i, c in enumerate(continuations)]
     return torch.log_softmax(torch.stack(rows), dim=-1)
