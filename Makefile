@@ -27,7 +27,7 @@ demo-quick: venv
 	$(BIN)/forgetflow demo --quick
 
 test: venv
-	$(BIN)/python -m pytest -x -q --timeout=1800
+	$(BIN)/python -m pytest -x -q --timeout=1800 --durations=12
 
 test-fast: venv
 	$(BIN)/python -m pytest -x -q -m "not slow"

@@ -189,17 +189,41 @@ def register(ctx: typer.Context, name: str, model_dir: Path, eval_kit: Path = ty
 
 # ---- requests ---------------------------------------------------------------------------
 @request_app.command("submit")
-def request_submit(ctx: typer.Context, file: Path, run_now: bool = typer.Option(False, "--run", help="Run it now.")):
-    """Validate a request (YAML/JSON) and record it in the ledger; --run runs the flow."""
+def request_submit(ctx: typer.Context, file: Path, run_now: bool = typer.Option(False, "--run", help="Run it now, here.")):
+    """Validate a request (YAML/JSON), record it in the ledger and announce it (the event that
+    triggers the `unlearn-on-request` deployment); --run runs the flow in this process instead."""
     from forgetflow.ledger import Ledger
     from forgetflow.request import load_request
 
     o = _opts(ctx)
     request = _guard(load_request, file)
-    entry, created = _guard(Ledger(o.state_dir).submit, request)
-    console.print(f"request {entry.request_id}: {'accepted' if created else 'already known, ' + entry.state}")
     if run_now:
+        entry, created = _guard(Ledger(o.state_dir).submit, request)
+        console.print(f"request {entry.request_id}: {'accepted' if created else 'already known, ' + entry.state}")
         _run_request(o, entry.request_id)
+        return
+    _announce_env(o)
+    from flows.triggers import submit_request
+
+    entry, created, announced = _guard(submit_request, request, Ledger(o.state_dir))
+    if not created:
+        console.print(f"request {entry.request_id}: already known, {entry.state} (nothing new is started)")
+    elif announced:
+        console.print(f"request {entry.request_id}: accepted; announced to Prefect (deployment unlearn-on-request)")
+    else:
+        console.print(f"request {entry.request_id}: accepted; no Prefect server to announce it to, "
+                      f"`forgetflow process-pending` (or its schedule) will apply it")
+
+
+def _announce_env(o: Opts) -> None:
+    """Point Prefect at the configured server if there is one (no probe: the ledger comes first)."""
+    from forgetflow import services
+
+    try:
+        services.apply_settings_env(services.resolve_settings(load_params(o.params_path, preset=o.preset),
+                                                              o.state_dir, probe=False))
+    except services.ServiceUnavailable:
+        pass
 
 
 @app.command()
@@ -227,17 +251,64 @@ def _run_request(o: Opts, request_id: str) -> dict:
 
 
 @app.command("process-pending")
-def process_pending(ctx: typer.Context):
-    """Run every accepted or failed request, oldest first, one model's requests in order."""
-    from forgetflow.ledger import Ledger
+def process_pending(ctx: typer.Context, retry_failed: bool = typer.Option(False, help="Also rerun failed requests.")):
+    """Sweep now what the scheduled deployment sweeps: take the inbox's documents, then apply
+    every pending request, one batched run per model (oldest first)."""
+    o = _opts(ctx)
+    _guard(_connect, o)
+    from flows.process_pending import process_pending as sweep
+
+    rows = _guard(sweep, state_dir=o.state_dir, params_path=o.params_path, preset=o.preset, retry_failed=retry_failed)
+    if not rows:
+        console.print("no pending requests")
+    for row in rows:
+        console.print(f"{', '.join(row['request_ids'])}: {row['status']}")
+
+
+@app.command()
+def serve(ctx: typer.Context):
+    """Serve the deployments `unlearn-on-request` (triggered per accepted request) and
+    `process-pending` (cron from params.yaml) from this process, until interrupted."""
+    o = _opts(ctx)
+    params, settings = _guard(_connect, o)
+    if not settings.prefect_api_url:
+        _fail("serving needs a Prefect server (events, schedules): set services.prefect_server: true and run "
+              "`forgetflow up`, or set PREFECT_API_URL")
+    from flows.deployments import serve_deployments
+
+    serve_deployments(params, o.state_dir, o.params_path, o.preset)
+
+
+@app.command()
+def deploy(ctx: typer.Context, work_pool: str = typer.Option(None, help="Default: orchestration.work_pool.")):
+    """Register both deployments on a work pool, for `prefect worker start --pool POOL`."""
+    o = _opts(ctx)
+    params, settings = _guard(_connect, o)
+    if not settings.prefect_api_url:
+        _fail("deploying needs a Prefect server: run `forgetflow up`, or set PREFECT_API_URL")
+    from flows.deployments import deploy_to_pool
+
+    pool = work_pool or params.orchestration.work_pool
+    ids = deploy_to_pool(params, o.state_dir, o.params_path, o.preset, pool)
+    console.print(f"deployed {len(ids)} deployments to work pool {pool}; start a worker: prefect worker start --pool {pool}")
+
+
+@app.command()
+def api(ctx: typer.Context, host: str = typer.Option(None), port: int = typer.Option(None)):
+    """Serve the HTTP intake: POST /requests (bearer token from orchestration.api_token_env)."""
+    import uvicorn
+
+    from forgetflow.api import ApiConfigError, create_app
 
     o = _opts(ctx)
-    ledger = Ledger(o.state_dir)
-    pending = [e for e in ledger.list() if e.state in ("accepted", "failed")]
-    if not pending:
-        console.print("no pending requests")
-    for entry in pending:
-        _run_request(o, entry.request_id)
+    params = load_params(o.params_path, preset=o.preset)
+    _announce_env(o)
+    try:
+        application = create_app(params, o.state_dir)
+    except ApiConfigError as exc:
+        _fail(str(exc))
+    uvicorn.run(application, host=host or params.orchestration.api_host, port=port or params.orchestration.api_port,
+                log_level="warning")
 
 
 @app.command()
@@ -253,9 +324,11 @@ def status(ctx: typer.Context, request_id: str = typer.Argument(None)):
     ledger = Ledger(o.state_dir)
     entries = [_guard(ledger.get, request_id)] if request_id else ledger.list()
     table = Table("request", "model", "state", "base", "new", "flow run", "report", "error")
+    short = request_id is None  # the overview shortens run ids and errors; one request shows them whole
     for e in entries:
         table.add_row(e.request_id, e.model, e.state, e.base_version or "", e.new_version or "",
-                      (e.flow_run_id or "")[:8], e.report_path or "", (e.error or "")[:60])
+                      (e.flow_run_id or "")[:8 if short else None], e.report_path or "",
+                      (e.error or "")[:60 if short else None])
     console.print(table)
 
 

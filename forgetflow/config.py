@@ -32,6 +32,21 @@ class ServicesParams(_Section):
     startup_timeout_s: float = 120.0
 
 
+class OrchestrationParams(_Section):
+    """How requests reach the flow (issue 4): deployments, schedule, batching, HTTP intake."""
+
+    process_pending_cron: str = "0 * * * *"  # the sweep that batches each model's pending requests
+    timezone: str = "UTC"
+    max_batch_requests: int = Field(16, ge=1)  # requests applied by one training run, at most
+    inbox_prefix: str = "inbox"  # request documents dropped in s3://<bucket>/<inbox_prefix>/ are swept
+    work_pool: str = "forgetflow-local"  # `forgetflow deploy` target; a process pool here, Kubernetes later
+    serve_limit: int = Field(4, ge=1)  # flow runs `forgetflow serve` executes at once (waiting ones included)
+    omp_wait_policy: Literal["ACTIVE", "PASSIVE"] = "PASSIVE"  # served runs share the CPU without spinning
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8787, ge=1, le=65535)
+    api_token_env: str = "FORGETFLOW_API_TOKEN"  # the bearer token of POST /requests is read from this variable
+
+
 class ComputeParams(_Section):
     """Device choice and numeric precision; `auto` takes the GPU when there is one."""
 
@@ -286,6 +301,7 @@ class LLMParams(_Section):
 class Params(_Section):
     services: ServicesParams = ServicesParams()
     compute: ComputeParams = ComputeParams()
+    orchestration: OrchestrationParams = OrchestrationParams()
     diffusion: DiffusionParams = DiffusionParams()
     llm: LLMParams = LLMParams()
     presets: dict[str, dict] = Field(default_factory=dict)

@@ -58,6 +58,10 @@ class LedgerError(RuntimeError):
     """A ledger operation was refused (conflict, unknown id, unwritable state folder)."""
 
 
+class RequestConflict(LedgerError):
+    """A request id that is already taken by a different document."""
+
+
 @dataclass(frozen=True)
 class Entry:
     request_id: str
@@ -137,7 +141,7 @@ class Ledger:
         existing = self.get(request.request_id, missing_ok=True)
         if existing is not None:
             if existing.digest != digest:
-                raise LedgerError(
+                raise RequestConflict(
                     f"request id {request.request_id} already exists with a different document"
                 )
             return existing, False

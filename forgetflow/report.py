@@ -1,6 +1,7 @@
 """The report of a request: reports/<request_id>/report.json, report.html and plots.
 
-report.json keys (DESIGN.md "Contracts"): request_id, status (promoted | rejected |
+report.json keys (DESIGN.md "Contracts"): request_id, request_ids (every request the run
+applied: the lead alone, or a batch), status (promoted | rejected |
 failed), model, family, method, base_version, new_version, guidance_scale, metrics
 {"base", "new"}, gates [{name, value, threshold, kind, passed}], durations_s per stage,
 uris (checkpoint, synth data, MLflow run), revisions (git, dvc.lock), error, created.
@@ -17,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-REPORT_KEYS = ("request_id", "status", "model", "family", "method", "base_version", "new_version",
+REPORT_KEYS = ("request_id", "request_ids", "status", "model", "family", "method", "base_version", "new_version",
                "guidance_scale", "metrics", "gates", "durations_s", "uris", "revisions", "error", "created")
 
 
@@ -45,6 +46,7 @@ def build_report(**fields) -> dict:
     if unknown:
         raise ValueError(f"unknown report fields {sorted(unknown)}")
     report = {key: fields.get(key) for key in REPORT_KEYS}
+    report["request_ids"] = report["request_ids"] or [report["request_id"]]
     report["created"] = report["created"] or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return report
 
@@ -75,6 +77,8 @@ def render_html(report: dict, figures: list[Path]) -> str:
     )
     durations = "".join(f"<tr><td>{esc(k)}</td><td>{v:.1f} s</td></tr>" for k, v in (report.get("durations_s") or {}).items())
     uris = "".join(f"<tr><td>{esc(k)}</td><td><code>{esc(str(v))}</code></td></tr>" for k, v in {**(report.get("uris") or {}), **(report.get("revisions") or {})}.items())
+    ids = report.get("request_ids") or [report["request_id"]]
+    batch = f"<p>Applied together in one run: {esc(', '.join(ids))}.</p>" if len(ids) > 1 else ""
     error = f"<p class=fail>Error: {esc(report['error'])}</p>" if report.get("error") else ""
     return f"""<!doctype html><html lang=en><head><meta charset=utf-8>
 <title>forgetflow report {esc(report['request_id'])}</title>
@@ -86,7 +90,7 @@ figure{{margin:1em 0}}</style></head><body>
 <p class="status {'pass' if report['status'] == 'promoted' else 'fail'}">Status: {esc(report['status'])}</p>
 <p>Model <b>{esc(str(report['model']))}</b> ({esc(str(report['family']))}), method <b>{esc(str(report['method']))}</b>:
 version {esc(str(report['base_version']))} &rarr; {esc(str(report['new_version']))}; guidance scale {_fmt(report.get('guidance_scale'))}.</p>
-{error}
+{batch}{error}
 <h2>Gates</h2><table><tr><th>gate</th><th>value</th><th>threshold</th><th>result</th></tr>{gates}</table>
 <h2>Metrics (held-out seeds)</h2><table><tr><th>metric</th><th>base</th><th>new</th></tr>{''.join(rows)}</table>
 <h2>Evidence</h2>{''.join(_img(f) for f in figures)}
@@ -96,7 +100,8 @@ version {esc(str(report['base_version']))} &rarr; {esc(str(report['new_version']
 
 
 def write_report(report: dict, out_dir: Path, figures: list[Path] = ()) -> Path:
-    """Write report.json, report.html and copies of the figures; returns report.json."""
+    """Write report.json, report.html and copies of the figures; returns report.json as an
+    absolute path (the ledger records it for any process, whatever its working folder)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     copied = []
     for fig in figures:
@@ -104,4 +109,4 @@ def write_report(report: dict, out_dir: Path, figures: list[Path] = ()) -> Path:
             copied.append(Path(shutil.copy2(fig, out_dir / Path(fig).name)))
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out_dir / "report.html").write_text(render_html(report, copied))
-    return out_dir / "report.json"
+    return (out_dir / "report.json").resolve()

@@ -1,5 +1,9 @@
 """The working area of one request run and the context the stages pass along.
 
+A run applies one request or a batch of them (forgetflow/batching.py): `request_id` is the
+batch's first request, which keys the work folder, the S3 prefix and the MLflow run;
+`batch` holds the other members' ids, oldest first.
+
 Stages exchange only this small, JSON-able context (ids, versions, URIs, paths): never
 models, never request content. Layout under the state folder::
 
@@ -28,11 +32,17 @@ class RunContext:
     base_version: str | None = None
     mlflow_run_id: str | None = None
     eval_kit_uri: str | None = None
+    batch: list[str] = field(default_factory=list)
     durations_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def work(self) -> Path:
         return Path(self.state_dir) / "runs" / self.request_id
+
+    @property
+    def request_ids(self) -> list[str]:
+        """Every request this run applies, the lead first."""
+        return [self.request_id, *self.batch]
 
     @property
     def base_dir(self) -> Path:
@@ -57,7 +67,8 @@ class RunContext:
     @property
     def run_label(self) -> str:
         """What Prefect and logs show: the model and a hash of the request id."""
-        return f"{self.model}-{request_hash(self.request_id)}"
+        more = f"+{len(self.batch)}" if self.batch else ""
+        return f"{self.model}-{request_hash(self.request_id)}{more}"
 
     def to_dict(self) -> dict:
         return asdict(self)

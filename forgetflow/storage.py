@@ -201,6 +201,12 @@ class ObjectStore:
                 names += [c["Prefix"][len(p):].strip("/") for c in page.get("CommonPrefixes", [])]
         return sorted(names)
 
+    def delete(self, key: str) -> None:
+        """Delete one object (no error if it is already gone)."""
+        bucket, k = self._loc(key)
+        with self._errors(self.uri(key)):
+            self.client.delete_object(Bucket=bucket, Key=k)
+
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under `prefix` (a folder); returns how many."""
         bucket, _ = self._loc(prefix)

@@ -8,6 +8,7 @@ from functools import cached_property
 
 from prefect import get_run_logger
 
+from forgetflow.batching import merge_requests
 from forgetflow.config import Params, load_params
 from forgetflow.families import Family, get_family
 from forgetflow.ledger import Ledger
@@ -51,7 +52,8 @@ class StageEnv:
         return RequestRun(self.settings.mlflow_uri, self.ctx.mlflow_run_id)
 
     def request(self):
-        return self.ledger.load_request(self.ctx.request_id)
+        """The request this run applies: the union of the batch's requests under the lead's id."""
+        return merge_requests([self.ledger.load_request(r) for r in self.ctx.request_ids])
 
 
 @contextmanager

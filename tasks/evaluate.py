@@ -18,7 +18,8 @@ def evaluate(ctx: RunContext) -> tuple[RunContext, dict, list[dict]]:
                                       env.params, ctx.evaluation_dir)
         gates = [g.to_dict() for g in env.family.gates(metrics, env.params)]
         (ctx.evaluation_dir / "metrics.json").write_text(json.dumps({"metrics": metrics, "gates": gates}, indent=2))
-        env.run.metrics(metrics["base"], prefix="base.")
-        env.run.metrics(metrics["new"], prefix="new.")
+        for name in ("base", "new", "reference"):  # reference: the lineage's teacher (chained diffusion)
+            if name in metrics:
+                env.run.metrics(metrics[name], prefix=f"{name}.")
         env.run.metrics({f"gate.{g['name']}": g["value"] for g in gates})
     return ctx, metrics, gates

@@ -1,4 +1,4 @@
-"""Stage 1, intake: the request is in the ledger; mark it running, resolve the base version
+"""Stage 1, intake: the request (or batch) is in the ledger; mark it running, resolve the base version
 (the model's current @champion), fetch it and its evaluation kit, check the target fits."""
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ def intake(ctx: RunContext) -> RunContext:
         if ctx.mlflow_run_id is None:
             run = RequestRun.start(env.settings.mlflow_uri, request.model, request.request_id, {
                 "forgetflow.family": ctx.family, "forgetflow.method": ctx.method,
-                "forgetflow.base_version": ctx.base_version})
+                "forgetflow.base_version": ctx.base_version,
+                "forgetflow.request_ids": ",".join(ctx.request_ids)})
             ctx.mlflow_run_id = run.run_id
-        env.ledger.update(ctx.request_id, "running", base_version=ctx.base_version)
+        for request_id in ctx.request_ids:
+            env.ledger.update(request_id, "running", base_version=ctx.base_version)
     return ctx

@@ -29,9 +29,9 @@ class PromotionConflict(RuntimeError):
 
 
 def _find_registered(env: StageEnv, ctx: RunContext) -> str | None:
-    """A version already registered for this request (a retried promote registers once)."""
+    """A version already registered for this run (a retried promote registers once)."""
     for v in env.registry.versions(ctx.model):
-        if v.tags.get("forgetflow.request_id") == ctx.request_id:
+        if v.tags.get("forgetflow.request_id") == ctx.request_id and v.tags.get("forgetflow.request_ids", ctx.request_id) == ",".join(ctx.request_ids):
             return v.version
     return None
 
@@ -61,6 +61,7 @@ def promote(ctx: RunContext, guidance_scale: float, metrics: dict, gates: list[d
         revisions = code_revisions()
         tags = {
             "forgetflow.request_id": ctx.request_id,
+            "forgetflow.request_ids": ",".join(ctx.request_ids),
             "forgetflow.family": ctx.family,
             "forgetflow.method": ctx.method,
             "forgetflow.base_version": ctx.base_version,
@@ -74,7 +75,8 @@ def promote(ctx: RunContext, guidance_scale: float, metrics: dict, gates: list[d
         }
         version = _find_registered(env, ctx) or env.registry.register(
             ctx.model, ctx.new_dir, run_id=ctx.mlflow_run_id, tags=tags,
-            description=f"forgetflow {ctx.method} for request {ctx.request_id} on v{ctx.base_version}")
+            description=f"forgetflow {ctx.method} for request {ctx.request_id}"
+                        f"{f' and {len(ctx.batch)} more' if ctx.batch else ''} on v{ctx.base_version}")
         env.registry.set_alias(ctx.model, "challenger", version)
         if passed:
             with model_lock(ctx.state_dir, ctx.model):
@@ -92,7 +94,7 @@ def promote(ctx: RunContext, guidance_scale: float, metrics: dict, gates: list[d
                ("samples_before_after.png", "leak_by_attack.png", "guidance_curve.png")]
     figures.append(plot_metric_bars(metrics, HEADLINE_METRICS.get(ctx.family, []), ctx.evaluation_dir / "metric_bars.png"))
     report = build_report(
-        request_id=ctx.request_id, status=status, model=ctx.model, family=ctx.family, method=ctx.method,
+        request_id=ctx.request_id, request_ids=ctx.request_ids, status=status, model=ctx.model, family=ctx.family, method=ctx.method,
         base_version=ctx.base_version, new_version=version, guidance_scale=guidance_scale, metrics=metrics,
         gates=gates, durations_s=ctx.durations_s, uris=uris, revisions=revisions, error=error)
     report_dir = Path(env.params.services.reports_dir) / ctx.request_id
@@ -100,7 +102,8 @@ def promote(ctx: RunContext, guidance_scale: float, metrics: dict, gates: list[d
     env.run.artifacts(report_dir, "report")
     env.run.tags({"forgetflow.status": status})
     env.run.end(ok=True)
-    env.ledger.update(ctx.request_id, status, new_version=version, report_path=str(report_path), error=error)
-    env.ledger.shred(ctx.request_id)
+    for request_id in ctx.request_ids:  # one report for the batch; every member reaches its final state
+        env.ledger.update(request_id, status, new_version=version, report_path=str(report_path), error=error)
+        env.ledger.shred(request_id)
     shutil.rmtree(ctx.synth_dir, ignore_errors=True)  # the only clear copy of the request's data
     return report

@@ -51,7 +51,7 @@ def test_the_base_leaks_the_customers_to_forget(run):
 def test_forgotten_values_stop_leaking_under_every_attack(run, llm_params):
     _, _, _, metrics, _ = run
     new = metrics["new"]
-    limit = llm_params.llm.gates.leak_rate_max  # tiny preset: 1 of 16 values (see params.yaml)
+    limit = llm_params.llm.gates.leak_rate_max  # tiny preset: one value of 14-16 (see params.yaml)
     assert all(rate <= limit for rate in new["leak_rate_by_attack"].values()), new["leak_rate_by_attack"]
     # graded: the true values became much less likely, not merely not greedy-decoded
     assert new["value_logprob"] < metrics["base"]["value_logprob"] - 1.0

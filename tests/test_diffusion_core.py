@@ -10,7 +10,7 @@ import torch
 
 from forgetflow.checkpoints import CheckpointSink, LocalCheckpointSink
 from forgetflow.config import GateParams
-from forgetflow.diffusion.artifact import ArtifactError, load_version, new_scheduler, save_version
+from forgetflow.diffusion.artifact import ArtifactError, load_version, new_scheduler, save_version, teacher_dir
 from forgetflow.diffusion.calibrate import diffusion_gates
 from forgetflow.diffusion.data import load_digits_split
 from forgetflow.diffusion.evaluate import frechet_distance
@@ -168,10 +168,23 @@ def test_checkpoint_resume_continues_the_run_exactly(untrained_version, loop_par
                   checkpoints=LocalCheckpointSink(tmp_path / "checkpoints"), device=CPU, progress=False)
 
 
-def test_chained_request_keeps_the_union_and_rejects_bad_pairs(one_step_version, loop_params, tmp_path):
+def test_chained_request_keeps_the_union_and_the_lineage_teacher(untrained_version, one_step_version, loop_params,
+                                                                  tmp_path):
     chained = train_sfd(one_step_version, tmp_path / "chained", [(3, 5)], loop_params, device=CPU, progress=False)
     card = load_version(chained).card
     assert sorted(card.forgotten_pairs) == [(3, 5), (7, 8)]
+    # every version of the lineage carries the pretrained DDPM, bit for bit, as its teacher
+    assert teacher_dir(untrained_version) == untrained_version
+    root = load_version(untrained_version)
+    for version_dir in (one_step_version, chained):
+        teacher = load_version(teacher_dir(version_dir))
+        assert teacher.card == root.card and teacher.generator is None
+        assert all(torch.equal(v, root.score.state_dict()[k]) for k, v in teacher.score.state_dict().items())
+    orphan = tmp_path / "orphan"
+    shutil.copytree(chained, orphan)
+    shutil.rmtree(orphan / "teacher")
+    with pytest.raises(ArtifactError, match="no teacher/"):
+        train_sfd(orphan, tmp_path / "x", [(1, 2)], loop_params, device=CPU, progress=False)
     assert json.loads((chained / "training_log.json").read_text())["keep_classes"] == [0, 1, 2, 4, 5, 6, 8, 9]
     with pytest.raises(ValueError, match="itself forgotten"):
         train_sfd(one_step_version, tmp_path / "bad", [(2, 7)], loop_params, device=CPU, progress=False)

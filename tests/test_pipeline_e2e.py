@@ -137,6 +137,6 @@ def test_a_corrupt_checkpoint_is_refused_never_loaded(registered, services, tmp_
     assert "step-00000040/state.pt: content does not match the manifest" in out.stderr
     entry = Ledger(state_dir).get("corrupt-checkpoint")
     assert entry.state == "failed" and "CorruptArtifact" in entry.error
-    report = json.loads(Path(workdir, entry.report_path).read_text())
+    report = json.loads(Path(entry.report_path).read_text())
     assert report["status"] == "failed" and "state.pt" in report["error"]
     assert registry.alias_version(MODEL, "champion") == champion

@@ -5,14 +5,20 @@
     generator/        optional UNet2DModel, same architecture: SFD's one-step generator (EMA)
     scheduler/        DDPMScheduler config
     model_card.json   ModelCard
+    teacher/          one-step versions only: the lineage's pretrained DDPM version (score/,
+                      scheduler/, model_card.json), the teacher it was distilled from
 
 After SFD the version's `score/` is the trained fake score net f_psi (it tracks the unlearned
-generator's distribution) and `generator/` the EMA generator G_theta; a later request uses
-that `score/` as its teacher f_phi.
+generator's distribution) and `generator/` the EMA generator G_theta. A later request
+distils again from `teacher/` (never from a fake score net: measured here, a chained request
+taught by the previous f_psi drew remaining digits at 2.3x the FD of its base) and starts
+G_theta and f_psi from this version's; `teacher/` is also the reference every version of the
+lineage is gated against (its quality and its sampling speed).
 """
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +32,7 @@ CARD_FILE = "model_card.json"
 SCORE_DIR = "score"
 GENERATOR_DIR = "generator"
 SCHEDULER_DIR = "scheduler"
+TEACHER_DIR = "teacher"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
@@ -100,6 +107,27 @@ def save_version(directory: Path, version: DiffusionVersion) -> Path:
     version.scheduler.save_pretrained(directory / SCHEDULER_DIR)
     (directory / CARD_FILE).write_text(json.dumps(version.card.to_dict(), indent=2))
     return directory
+
+
+def teacher_dir(directory: Path) -> Path:
+    """The pretrained DDPM version of a lineage: the version itself for a ddpm, its
+    `teacher/` for a one-step version (ArtifactError if a one-step version lacks it)."""
+    directory = Path(directory)
+    if load_card(directory).kind != "one-step":
+        return directory
+    teacher = directory / TEACHER_DIR
+    if not (teacher / CARD_FILE).is_file():
+        raise ArtifactError(f"one-step version {directory} has no {TEACHER_DIR}/ (the DDPM it was distilled from)")
+    return teacher
+
+
+def copy_teacher(source_teacher: Path, out_dir: Path) -> Path:
+    """Copy a DDPM version's score/, scheduler/ and card into out_dir/teacher/."""
+    source_teacher, target = Path(source_teacher), Path(out_dir) / TEACHER_DIR
+    for name in (SCORE_DIR, SCHEDULER_DIR):
+        shutil.copytree(source_teacher / name, target / name, dirs_exist_ok=True)
+    shutil.copy2(source_teacher / CARD_FILE, target / CARD_FILE)
+    return target
 
 
 def load_card(directory: Path) -> ModelCard:

@@ -1,6 +1,9 @@
 """Guidance calibration of an unlearned version and the diffusion promotion gates.
 
-Gates (params.diffusion.gates), base = the version before forgetting, new = after:
+Gates (params.diffusion.gates), new = the unlearned version, base = the lineage's pretrained
+DDPM teacher (the base version itself for a first request; the `teacher/` of a one-step base
+for a chained one, so quality and speed never drift request after request), both measured on
+the classes that remain after every forgetting so far:
     unlearning_accuracy      = new.UA                                        >= min
     override_fidelity        = new.override_fidelity                         >= min
     remaining_accuracy_drop  = base.remaining_acc - new.remaining_acc        <= max

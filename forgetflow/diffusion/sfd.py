@@ -10,7 +10,7 @@ forget class c_f and its override c_o.
 
 Fake-score step (x_g detached; labels dropped to the null class with probability
 fake_class_dropout, as in the paper's text-to-image setting, so that f_psi keeps an
-unconditional score and can serve as a guided teacher for a later request):
+unconditional score):
     L_psi = E ||eps_psi(x_t; c, t) - eps||^2 + lambda_f E ||eps_psi(x_t^f; c_f, t) - eps||^2
 Generator step (f_phi, f_psi frozen; gradients flow through their inputs):
     l_SiD(y_r, y_f, x_g) = sum_pixels (y_r - y_f) * ((y_r - x_g) - alpha (y_r - y_f)) / omega,
@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from forgetflow.checkpoints import CheckpointSink
 from forgetflow.compute import autocast, resolve_device
 from forgetflow.config import Params, SFDParams
-from forgetflow.diffusion.artifact import DiffusionVersion, ModelCard, load_version, save_version
+from forgetflow.diffusion.artifact import (DiffusionVersion, ModelCard, copy_teacher, load_version, save_version,
+                                          teacher_dir)
 from forgetflow.diffusion.sampling import denoise, generate_one_step, t_for_sigma, vp_coefficients
 from forgetflow.diffusion.train_base import TRAINING_LOG, grad_scaler, optimizer_step
 
@@ -201,8 +202,9 @@ def train_sfd(
 ) -> Path:
     """Unlearn `forget_pairs` [(c_f, c_o)] from the version at base_dir; write a one-step version.
 
-    A one-step base (a chained request) is the teacher through its `score/` and initialises
-    the generator from its `generator/`; its previously forgotten pairs stay in the forget term.
+    A one-step base (a chained request) keeps the lineage's pretrained teacher (its
+    `teacher/`) as f_phi and initialises G_theta from its `generator/` and f_psi from its
+    `score/`; its previously forgotten pairs stay in the forget term.
     With `checkpoints`, the full state is saved every sfd.checkpoint_every iterations and a
     call resumes from sink.latest(), continuing the same run exactly.
     """
@@ -211,6 +213,8 @@ def train_sfd(
     sfd = params.diffusion.sfd
     device = device or resolve_device(params.compute)
     base = load_version(base_dir, device)
+    root = teacher_dir(base_dir)
+    teacher = base if root == Path(base_dir) else load_version(root, device)
     card, scheduler = base.card, base.scheduler
     pairs = merge_forget_pairs(card.forgotten_pairs, forget_pairs, card.num_classes)
     t_init = t_for_sigma(scheduler, sfd.sigma_init)
@@ -224,7 +228,7 @@ def train_sfd(
 
     rng = torch.Generator(device).manual_seed(sfd.seed)
     batcher = _Batcher(pairs, card.num_classes, sfd, t_range, card.image_size, rng, device)
-    f_phi = base.score.requires_grad_(False).eval()
+    f_phi = teacher.score.requires_grad_(False).eval()
     f_psi = copy.deepcopy(base.score).train()
     G_theta = copy.deepcopy(base.generator if base.generator is not None else base.score).requires_grad_(True).train()
     ema = EMAModel(G_theta.parameters(), decay=sfd.ema_decay, update_after_step=sfd.ema_warmup_iterations)
@@ -319,6 +323,7 @@ def train_sfd(
     )
     version = DiffusionVersion(score=f_psi.eval(), generator=G_theta.eval(), scheduler=scheduler, card=new_card)
     out_dir = save_version(Path(out_dir), version)
+    copy_teacher(root, out_dir)
     done_here = total - start
     (out_dir / TRAINING_LOG).write_text(json.dumps({
         "method": method, "iterations": total, "resumed_from": start if latest is not None else None,

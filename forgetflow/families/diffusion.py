@@ -134,14 +134,15 @@ class DiffusionFamily:
 
     def calibrate(self, base_dir: Path, new_dir: Path, synth_dir: Path, eval_kit: Path,
                   params: Params, out_dir: Path) -> tuple[float, list[dict]]:
+        from forgetflow.diffusion.artifact import teacher_dir
         from forgetflow.diffusion.calibrate import calibrate_guidance
         from forgetflow.diffusion.evaluate import evaluate_version
 
         pairs = _all_pairs(synth_dir)
         cal = params.diffusion.calibrate
-        base_metrics = evaluate_version(base_dir, eval_kit, pairs, params, seed=cal.seed,
-                                        samples_scale=cal.samples_per_class / params.diffusion.evaluate.samples_per_remaining_class)
-        scale, curve = calibrate_guidance(new_dir, eval_kit, pairs, params, base_metrics)
+        reference = evaluate_version(teacher_dir(base_dir), eval_kit, pairs, params, seed=cal.seed,
+                                     samples_scale=cal.samples_per_class / params.diffusion.evaluate.samples_per_remaining_class)
+        scale, curve = calibrate_guidance(new_dir, eval_kit, pairs, params, reference)
         card_path = Path(new_dir) / "model_card.json"
         card = json.loads(card_path.read_text())
         card["guidance_scale"] = scale
@@ -150,6 +151,7 @@ class DiffusionFamily:
 
     def evaluate(self, base_dir: Path, new_dir: Path, synth_dir: Path, eval_kit: Path,
                  params: Params, out_dir: Path) -> dict:
+        from forgetflow.diffusion.artifact import teacher_dir
         from forgetflow.diffusion.evaluate import evaluate_version, save_comparison_grid
 
         pairs = _all_pairs(synth_dir)
@@ -158,6 +160,9 @@ class DiffusionFamily:
             "base": evaluate_version(base_dir, eval_kit, pairs, params, seed=seed, progress=True),
             "new": evaluate_version(new_dir, eval_kit, pairs, params, seed=seed, progress=True),
         }
+        teacher = teacher_dir(base_dir)
+        if teacher != Path(base_dir):  # a chained request: gates are measured against the lineage's teacher
+            metrics["reference"] = evaluate_version(teacher, eval_kit, pairs, params, seed=seed, progress=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_comparison_grid(base_dir, new_dir, out_dir / "samples_before_after.png", params, seed=seed)
         return metrics
@@ -165,4 +170,4 @@ class DiffusionFamily:
     def gates(self, metrics: dict, params: Params) -> list[Gate]:
         from forgetflow.diffusion.calibrate import diffusion_gates
 
-        return diffusion_gates(metrics["base"], metrics["new"], params.diffusion.gates)
+        return diffusion_gates(metrics.get("reference", metrics["base"]), metrics["new"], params.diffusion.gates)
