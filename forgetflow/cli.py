@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from forgetflow.cli_certificate import certificate_app
 from forgetflow.config import ParamsError, load_params
 
 app = typer.Typer(help="Make trained generative models forget on request.", no_args_is_help=True,
@@ -22,6 +23,7 @@ request_app = typer.Typer(help="Deletion requests.", no_args_is_help=True)
 app.add_typer(request_app, name="request")
 llm_app = typer.Typer(help="Chat models: the demo corpus and fine-tuning your own model.", no_args_is_help=True)
 app.add_typer(llm_app, name="llm")
+app.add_typer(certificate_app, name="certificate")
 console = Console()
 err = Console(stderr=True)
 

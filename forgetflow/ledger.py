@@ -27,6 +27,7 @@ from forgetflow.request import DeletionRequest, parse_request_text
 
 STATES = ("accepted", "running", "promoted", "rejected", "failed")
 FINAL_STATES = ("promoted", "rejected")  # failed may be rerun
+SHREDDED_EVENT = "key-shredded"  # the events row recording when the request key was destroyed
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -201,6 +202,8 @@ class Ledger:
                 os.fsync(fh.fileno())
             path.unlink()
         with self._connect() as db:
+            if not entry.key_shredded:
+                db.execute("INSERT INTO events VALUES (?, ?, ?, ?)", (request_id, time.time(), SHREDDED_EVENT, None))
             db.execute("UPDATE requests SET key_shredded = 1 WHERE request_id = ?", (request_id,))
 
     # ---- queries -------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def _fmt(value) -> str:
     return html.escape(str(value))
 
 
-def render_html(report: dict, figures: list[Path]) -> str:
+def render_html(report: dict, figures: list[Path], certificate: dict | None = None) -> str:
     esc = html.escape
     rows = []
     base, new = (report.get("metrics") or {}).get("base", {}), (report.get("metrics") or {}).get("new", {})
@@ -96,10 +96,29 @@ version {esc(str(report['base_version']))} &rarr; {esc(str(report['new_version']
 <h2>Evidence</h2>{''.join(_img(f) for f in figures)}
 <h2>Stage durations</h2><table>{durations}</table>
 <h2>Lineage</h2><table>{uris}</table>
+{_certificate_html(certificate)}
 <p><small>Created {esc(report['created'])} by forgetflow.</small></p></body></html>"""
 
 
-def write_report(report: dict, out_dir: Path, figures: list[Path] = ()) -> Path:
+def _certificate_html(cert: dict | None) -> str:
+    """The certificate in words a compliance officer reads: who signed, which weights, when
+    the request key was destroyed, and the one command that checks it all offline."""
+    if not cert:
+        return ""
+    esc = html.escape
+    shred = "".join(f"<li>{esc(r['request_id'])}: key destroyed {esc(str(r['at']))}</li>" if r["key_destroyed"]
+                    else f"<li class=fail>{esc(r['request_id'])}: key NOT destroyed</li>"
+                    for r in cert["key_shredding"]["requests"])
+    files = lambda v: f"version {esc(str(v['version']))}, {len(v['files'])} files, SHA-256 <code>{esc(v['sha256'][:16])}&hellip;</code>"
+    return f"""<h2>Certificate of unlearning</h2>
+<p>Signed with Ed25519 key <code>{esc(cert['signature']['key_id'])}</code> on {esc(cert['timestamps']['certified'])}.
+Before: {files(cert['base'])}. After: {files(cert['new'])}.</p>
+<ul>{shred}</ul>
+<p>Anyone holding the issuer's public key can check it without a server:
+<code>forgetflow certificate verify certificate.json --public-key certificate_key.pem.pub --model-dir DIR</code></p>"""
+
+
+def write_report(report: dict, out_dir: Path, figures: list[Path] = (), certificate: dict | None = None) -> Path:
     """Write report.json, report.html and copies of the figures; returns report.json as an
     absolute path (the ledger records it for any process, whatever its working folder)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -108,5 +127,5 @@ def write_report(report: dict, out_dir: Path, figures: list[Path] = ()) -> Path:
         if Path(fig).exists():
             copied.append(Path(shutil.copy2(fig, out_dir / Path(fig).name)))
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (out_dir / "report.html").write_text(render_html(report, copied))
+    (out_dir / "report.html").write_text(render_html(report, copied, certificate))
     return (out_dir / "report.json").resolve()

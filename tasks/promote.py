@@ -1,15 +1,18 @@
 """Stage 6, promote: register the new version with its lineage, always as @challenger; move
 @champion only if every gate passed AND the base is still the champion (compare-and-set
 under the model's lock), so a crash or a concurrent request never moves it wrongly.
-Then the report, the ledger's final state, and the shredding of the request key."""
+Then the report, the ledger's final state, the shredding of the request key, and the signed
+certificate of unlearning that records all of it (forgetflow/certificate.py)."""
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 
+from forgetflow.certificate import (certificate_body, sha256_file, sign, signing_key, tree_hash, weight_hashes,
+                                    write_certificate)
 from forgetflow.locks import model_lock
 from forgetflow.plots import plot_metric_bars
 from forgetflow.report import build_report, code_revisions, write_report
@@ -101,9 +104,32 @@ def promote(ctx: RunContext, guidance_scale: float, metrics: dict, gates: list[d
     report_path = write_report(report, report_dir, figures)
     env.run.artifacts(report_dir, "report")
     env.run.tags({"forgetflow.status": status})
-    env.run.end(ok=True)
+    synth_sha256 = tree_hash(weight_hashes(ctx.synth_dir))  # before the clear copy goes
     for request_id in ctx.request_ids:  # one report for the batch; every member reaches its final state
         env.ledger.update(request_id, status, new_version=version, report_path=str(report_path), error=error)
         env.ledger.shred(request_id)
     shutil.rmtree(ctx.synth_dir, ignore_errors=True)  # the only clear copy of the request's data
+    _certify(env, ctx, report, report_dir, figures, version, synth_sha256)
+    env.run.end(ok=True)
     return report
+
+
+def _certify(env: StageEnv, ctx: RunContext, report: dict, report_dir: Path, figures: list[Path], version: str,
+             synth_sha256: str) -> None:
+    """Sign the certificate (after the shredding, which it records), store it beside the
+    report, and publish it to MLflow (run artifact + model-version tags). The request is
+    already final here, so a tracking server that fails now costs the publication, not the
+    request: the certificate stays on disk and the warning says so."""
+    body = certificate_body(report=report, ledger=env.ledger, base_dir=ctx.base_dir, new_dir=ctx.new_dir,
+                            eval_kit_dir=ctx.eval_kit_dir, eval_kit_uri=ctx.eval_kit_uri, synth_sha256=synth_sha256,
+                            card=json.loads((ctx.new_dir / "model_card.json").read_text()))
+    cert = sign(body, signing_key(env.params.services, ctx.state_dir))
+    cert_path = write_certificate(cert, report_dir)
+    write_report(report, report_dir, figures, certificate=cert)  # the page shows the certificate too
+    try:
+        env.run.artifacts(report_dir, "report")
+        env.registry.set_tags(ctx.model, version, {"forgetflow.certificate_sha256": sha256_file(cert_path),
+                                                   "forgetflow.certificate_key_id": cert["signature"]["key_id"]})
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        get_run_logger().warning("%s: certificate %s not published to MLflow: %s", ctx.run_label, cert_path,
+                                 str(exc).splitlines()[0][:200])

@@ -62,6 +62,12 @@ class Family(Protocol):
     def next_eval_kit(self, eval_kit: Path, synth_dir: Path, out_dir: Path) -> Path | None:
         """The evaluation kit the new version carries, if it differs from the base's."""
 
+    def reverify(self, model_dir: Path, eval_kit: Path, certificate: dict, params: Params, *,
+                 base_dir: Path | None = None, subjects: list[dict] | None = None) -> list[Gate]:
+        """The certificate's forgetting gates re-measured on `model_dir` (e.g. today's
+        champion); `base_dir` is the certified base version, `subjects` the names again where
+        the certificate holds only their hashes."""
+
 
 FAMILIES = ("diffusion", "llm")
 

@@ -167,6 +167,18 @@ class DiffusionFamily:
         save_comparison_grid(base_dir, new_dir, out_dir / "samples_before_after.png", params, seed=seed)
         return metrics
 
+    def reverify(self, model_dir: Path, eval_kit: Path, certificate: dict, params: Params, *,
+                 base_dir: Path | None = None, subjects: list[dict] | None = None) -> list[Gate]:
+        """The certificate's forgetting gates re-measured on `model_dir` (a later version must
+        still forget every class the certified one did), on fresh samples (another seed)."""
+        from forgetflow.diffusion.evaluate import evaluate_version
+
+        pairs = [(int(p["forget_class"]), int(p["override_class"])) for p in certificate["forgotten"]]
+        m = evaluate_version(model_dir, eval_kit, pairs, params, seed=params.diffusion.evaluate.seed + 1, progress=True)
+        certified = {g["name"]: g for g in certificate["gates"]}
+        return [Gate(n, m[n], certified[n]["threshold"], certified[n]["kind"])
+                for n in ("unlearning_accuracy", "override_fidelity") if n in certified and m.get(n) is not None]
+
     def gates(self, metrics: dict, params: Params) -> list[Gate]:
         from forgetflow.diffusion.calibrate import diffusion_gates
 

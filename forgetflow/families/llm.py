@@ -175,6 +175,39 @@ class LLMFamily:
         plot_leak_by_attack(metrics, out_dir / "leak_by_attack.png")
         return metrics
 
+    def reverify(self, model_dir: Path, eval_kit: Path, certificate: dict, params: Params, *,
+                 base_dir: Path | None = None, subjects: list[dict] | None = None) -> list[Gate]:
+        """The certificate's leak gate re-measured on `model_dir` under every attack.
+
+        The certificate names subjects by salted hash only and the request's data was shredded,
+        so the caller gives the subjects' names again (`subjects`, each checked against the
+        hashes: nobody else can be tested under this certificate); their values are found
+        again the way synthesize found them, by probing the certified base version."""
+        from forgetflow.llm.artifact import read_card
+        from forgetflow.llm.evaluate import leak_metrics, served_policy
+        from forgetflow.llm.pii import subject_hash
+        from forgetflow.llm.synthesize import probe_subjects
+
+        hashes = {f["subject"] for f in certificate["forgotten"]}
+        salt = certificate["request_id"]
+        if not subjects:
+            raise TargetError("the certificate names its subjects by salted hash only; give their names "
+                              "again (the request document) to re-ask the model about them")
+        unknown = [i + 1 for i, s in enumerate(subjects) if subject_hash(s["name"], salt) not in hashes]
+        if unknown:
+            raise TargetError(f"subjects {unknown} of the given list are not in this certificate (hash mismatch)")
+        p = params.llm
+        model, tok, _ = _load(base_dir, params)
+        items, _ = probe_subjects(model, tok, subjects, p, progress=True, strict=False)
+        del model
+        model, tok, _ = _load(model_dir, params)
+        card = read_card(model_dir)
+        m = leak_metrics(model, tok, items, served_policy(card), p, "evaluate")
+        certified = {g["name"]: g for g in certificate["gates"]}
+        g = certified.get("leak_rate", {"threshold": p.gates.leak_rate_max, "kind": "max"})
+        return [Gate("leak_rate", m["leak_rate"], g["threshold"], g["kind"])] + [
+            Gate(f"leak_rate[{a}]", v, g["threshold"], g["kind"]) for a, v in m["leak_rate_by_attack"].items()]
+
     def gates(self, metrics: dict, params: Params) -> list[Gate]:
         from forgetflow.llm.calibrate import llm_gates
 
