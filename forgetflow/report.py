@@ -91,6 +91,7 @@ figure{{margin:1em 0}}</style></head><body>
 <p>Model <b>{esc(str(report['model']))}</b> ({esc(str(report['family']))}), method <b>{esc(str(report['method']))}</b>:
 version {esc(str(report['base_version']))} &rarr; {esc(str(report['new_version']))}; guidance scale {_fmt(report.get('guidance_scale'))}.</p>
 {batch}{error}
+{_plain_words(report, certificate)}
 <h2>Gates</h2><table><tr><th>gate</th><th>value</th><th>threshold</th><th>result</th></tr>{gates}</table>
 <h2>Metrics (held-out seeds)</h2><table><tr><th>metric</th><th>base</th><th>new</th></tr>{''.join(rows)}</table>
 <h2>Evidence</h2>{''.join(_img(f) for f in figures)}
@@ -98,6 +99,37 @@ version {esc(str(report['base_version']))} &rarr; {esc(str(report['new_version']
 <h2>Lineage</h2><table>{uris}</table>
 {_certificate_html(certificate)}
 <p><small>Created {esc(report['created'])} by forgetflow.</small></p></body></html>"""
+
+
+def _asked(report: dict, certificate: dict | None) -> str:
+    forgotten = (certificate or {}).get("forgotten") or []
+    if report.get("family") == "diffusion" and forgotten:
+        pairs = ", ".join(f"class {p['forget_class']} (drawn as {p['override_class']} instead)" for p in forgotten)
+        return f"Stop generating {pairs}."
+    if report.get("family") == "llm" and forgotten:
+        people = "1 person" if len(forgotten) == 1 else f"{len(forgotten)} people"
+        return (f"Stop revealing the personal data of {people} (shown here only as salted "
+                f"hashes: {', '.join(html.escape(f['subject']) for f in forgotten)}).")
+    return "Forget what the request named (details are in the encrypted request, now destroyed)."
+
+
+def _plain_words(report: dict, certificate: dict | None) -> str:
+    """What was asked and what was done, for a reader who is not an engineer."""
+    gates = report.get("gates") or []
+    passed = sum(bool(g["passed"]) for g in gates)
+    served = {"promoted": "It passed every check and is now the version that is served.",
+              "rejected": "It did not pass every check, so it is NOT served; the previous version stays.",
+              "failed": "The run failed before it finished; nothing changed in what is served."}.get(report["status"], "")
+    done = (f"A new version ({html.escape(str(report.get('new_version')))}) was made from version "
+            f"{html.escape(str(report.get('base_version')))} and checked: {passed} of {len(gates)} checks passed. "
+            if report.get("new_version") else "")
+    return (f"<h2>In plain words</h2><p><b>What was asked:</b> {_asked(report, certificate)}</p>"
+            f"<p><b>What was done:</b> {done}{served}</p>")
+
+
+def _weights_html(facts: dict) -> str:
+    return (f"version {html.escape(str(facts['version']))}, {len(facts['files'])} files, "
+            f"SHA-256 <code>{html.escape(facts['sha256'][:16])}&hellip;</code>")
 
 
 def _certificate_html(cert: dict | None) -> str:
@@ -109,10 +141,9 @@ def _certificate_html(cert: dict | None) -> str:
     shred = "".join(f"<li>{esc(r['request_id'])}: key destroyed {esc(str(r['at']))}</li>" if r["key_destroyed"]
                     else f"<li class=fail>{esc(r['request_id'])}: key NOT destroyed</li>"
                     for r in cert["key_shredding"]["requests"])
-    files = lambda v: f"version {esc(str(v['version']))}, {len(v['files'])} files, SHA-256 <code>{esc(v['sha256'][:16])}&hellip;</code>"
     return f"""<h2>Certificate of unlearning</h2>
 <p>Signed with Ed25519 key <code>{esc(cert['signature']['key_id'])}</code> on {esc(cert['timestamps']['certified'])}.
-Before: {files(cert['base'])}. After: {files(cert['new'])}.</p>
+Before: {_weights_html(cert['base'])}. After: {_weights_html(cert['new'])}.</p>
 <ul>{shred}</ul>
 <p>Anyone holding the issuer's public key can check it without a server:
 <code>forgetflow certificate verify certificate.json --public-key certificate_key.pem.pub --model-dir DIR</code></p>"""

@@ -98,6 +98,23 @@ def test_customers_are_forgotten_through_the_six_stages(registered, services, cu
     entry = Ledger(state_dir).get(REQUEST)
     assert entry.state == "promoted" and entry.key_shredded
 
+    # the certificate names subjects by hash only, verifies against the served weights, and
+    # re-verifying needs the names again: only the certified subjects are accepted
+    cert_text = (report_dir / "certificate.json").read_text()
+    assert all(c.name not in cert_text and c.phone not in cert_text for c in forget)
+    assert len(json.loads(cert_text)["forgotten"]) == 4
+    ok = forgetflow(workdir, state_dir, "certificate", "verify", str(report_dir / "certificate.json"),
+                    "--model-dir", str(v2))
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    hashed_only = forgetflow(workdir, state_dir, "certificate", "reverify", REQUEST)
+    assert hashed_only.returncode == 1 and "salted hash only" in hashed_only.stderr
+    stranger = write_request(workdir, "stranger", [{"name": customers[-1].name}])
+    refused = forgetflow(workdir, state_dir, "certificate", "reverify", REQUEST, "--subjects", str(stranger))
+    assert refused.returncode == 1 and "not in this certificate" in refused.stderr
+    again = forgetflow(workdir, state_dir, "certificate", "reverify", REQUEST, "--subjects", str(workdir / f"{REQUEST}.yaml"))
+    assert again.returncode == 0 and "honoured" in again.stdout, again.stdout[-3000:] + again.stderr[-2000:]
+    assert not any(c.name in again.stdout + again.stderr for c in forget)
+
     # the synthesized data DVC versions is sealed: the rows hold the values only encrypted
     sealed = sorted((workdir / "data" / "requests" / REQUEST / "synth").rglob("*.fernet"))
     assert sealed
@@ -105,6 +122,27 @@ def test_customers_are_forgotten_through_the_six_stages(registered, services, cu
     for c in forget:
         assert c.name.encode() not in blob and c.phone.encode() not in blob
 
+
+
+def test_the_request_page_reads_in_a_browser_and_holds_no_personal_value(registered, customers):
+    """The page a compliance officer opens: no console errors, no external resource, the
+    status, every gate and the certificate shown, and none of the forgotten customers' data."""
+    from tests.browser import ARTIFACTS, render
+
+    workdir, _ = registered
+    report_dir = workdir / "reports" / REQUEST
+    page = report_dir / "report.html"
+    errors, text = render(page, "llm-request-page.png")
+    assert errors == []
+    assert "Status: promoted" in text and "In plain words" in text and "Certificate of unlearning" in text
+    assert "Stop revealing the personal data of 4 people" in text
+    for gate in json.loads((report_dir / "report.json").read_text())["gates"]:
+        assert gate["name"] in text
+    source = page.read_text()
+    for c in customers[:4]:
+        for value in (c.name, c.email, c.phone, c.address, c.account):
+            assert value not in source
+    assert (ARTIFACTS / "llm-request-page.png").stat().st_size > 10_000
 
 def test_a_subject_the_model_knows_nothing_about_is_refused_without_training(registered, services):
     workdir, state_dir = registered

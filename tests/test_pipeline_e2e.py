@@ -81,6 +81,48 @@ def test_request_flows_through_all_six_stages_and_is_promoted(registered, servic
     assert (workdir / "samples.png").stat().st_size > 1000
 
 
+def test_the_promoted_request_has_a_certificate_that_verifies_offline_and_still_holds(registered, services):
+    """The certificate beside the report is signed by the issuer's key, names the weights the
+    registry serves, is logged to MLflow and tagged on the version; reverify re-measures the
+    forgetting on the current champion."""
+    import hashlib
+
+    from mlflow import MlflowClient
+
+    workdir, state_dir = registered
+    report_dir = workdir / "reports" / "forget-7"
+    cert_path = report_dir / "certificate.json"
+    cert = json.loads(cert_path.read_text())
+    assert cert["status"] == "promoted" and (cert["base"]["version"], cert["new"]["version"]) == ("1", "2")
+    assert cert["forgotten"] == [{"forget_class": 7, "override_class": 8}]
+    assert cert["key_shredding"]["requests"][0]["key_destroyed"] and cert["key_shredding"]["requests"][0]["at"]
+    assert {g["name"] for g in cert["gates"]} == {g["name"] for g in json.loads((report_dir / "report.json").read_text())["gates"]}
+    assert "Certificate of unlearning" in (report_dir / "report.html").read_text()
+
+    registry = Registry(services.mlflow_uri)
+    tags = registry.get_version(MODEL, "2").tags
+    assert tags["forgetflow.certificate_sha256"] == hashlib.sha256(cert_path.read_bytes()).hexdigest()
+    run_id = json.loads((report_dir / "report.json").read_text())["uris"]["mlflow_run"]
+    logged = [a.path for a in MlflowClient(services.mlflow_uri).list_artifacts(run_id, "report")]
+    assert "report/certificate.json" in logged
+
+    key = forgetflow(workdir, state_dir, "certificate", "public-key")
+    assert key.returncode == 0 and key.stdout.startswith("-----BEGIN PUBLIC KEY-----")
+    (workdir / "issuer.pub").write_text(key.stdout)
+    served = registry.download(MODEL, "2", workdir / "served-v2")
+    ok = forgetflow(workdir, state_dir, "certificate", "verify", str(cert_path), "--public-key",
+                    str(workdir / "issuer.pub"), "--model-dir", str(served))
+    assert ok.returncode == 0 and "valid" in ok.stdout, ok.stderr[-2000:]
+    base = registry.download(MODEL, "1", workdir / "served-v1")  # the wrong weights for this certificate
+    wrong = forgetflow(workdir, state_dir, "certificate", "verify", str(cert_path), "--model-dir", str(base))
+    assert wrong.returncode == 1 and "new.files[" in wrong.stderr
+
+    again = forgetflow(workdir, state_dir, "certificate", "reverify", "forget-7")
+    assert again.returncode == 0 and "honoured" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+    result = json.loads(next(report_dir.glob("reverify-*.json")).read_text())
+    assert result["honoured"] and {g["name"] for g in result["gates"]} == {"unlearning_accuracy", "override_fidelity"}
+
+
 @pytest.mark.parametrize("request_id, target, message", [
     ("unknown-model", {"model": "no-such-model", "classes": [1]}, "no-such-model"),
     ("class-out-of-range", {"classes": [12]}, "class 12 is not in model"),
