@@ -1,8 +1,8 @@
 """CFG-ORPO really forgets the named customers and only them: the tiny support model (trained
 here from scratch on 60 fictitious customers) is asked to forget four; their values stop
 coming out under every attack (served with guidance, raw weights, adversarial system
-prompts; the tiny preset lets one of 16 through, for a surname mix-up), while held-out kept
-customers' values still do. Then scope all-pii on a 20-customer roster. The stages of a
+prompts; the tiny preset's gate admits one of the 14-16 values, see params.yaml), while
+held-out kept customers' values still do. Then scope all-pii on a 20-customer roster. The stages of a
 request at library level: synthesize -> unlearn -> calibrate -> evaluate. About 10 minutes
 on 2 idle cores."""
 from __future__ import annotations
