@@ -6,8 +6,9 @@
 `forgetflow serve` runs both in this process (a Prefect runner: polls the server, executes
 up to `orchestration.serve_limit` flow runs at once, so different models run side by side).
 `forgetflow deploy` registers the same two on the work pool `orchestration.work_pool`
-(created as a process pool if missing) for `prefect worker start --pool <pool>`; a
-Kubernetes pool takes them by changing that one setting.
+(created if missing, as a `orchestration.work_pool_type` pool: process, or kubernetes with
+flows/work_pools.py's job template for the pods of infra/k8s/) for `prefect worker start
+--pool <pool>`.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from prefect.types.entrypoint import EntrypointType
 from flows.on_request import unlearn_on_request
 from flows.process_pending import process_pending
 from flows.triggers import on_request_trigger
+from flows.work_pools import IMAGE, SERVICE_ENV, STATE_DIR, job_template
 from forgetflow.config import Params
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -66,17 +68,28 @@ def deploy_to_pool(params: Params, state_dir: str, params_path: str | None, pres
     from prefect.exceptions import ObjectNotFound
 
     pool = work_pool or params.orchestration.work_pool
+    kind = params.orchestration.work_pool_type
     with get_client(sync_client=True) as client:
         try:
             client.read_work_pool(pool)
         except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            template = job_template() if kind == "kubernetes" else {}
+            client.create_work_pool(WorkPoolCreate(name=pool, type=kind, base_job_template=template))
     ids = []
+    flows = {ON_REQUEST: unlearn_on_request, PROCESS_PENDING: process_pending}
+    if kind == "kubernetes":  # the pods' state volume and the image's params.yaml, not this machine's paths
+        state_dir, params_path = STATE_DIR, None
     for name, kw in _settings(params, state_dir, params_path, preset).items():
-        source = flow.from_source(source=str(PROJECT_ROOT), entrypoint=ENTRYPOINTS[name])
         # to_deployment + apply, not Flow.deploy: deploy's "any worker online?" hint queries the
         # server with a null page limit, which this server answers 422
-        deployment = source.to_deployment(name=name, work_pool_name=pool, tags=["forgetflow"],
-                                          job_variables={"env": run_env(params)}, **kw)
-        ids.append(str(deployment.apply()))
+        if kind == "kubernetes":  # the code is in the worker image: module entrypoints, no pull steps
+            deployment = flows[name].to_deployment(name=name, work_pool_name=pool, tags=["forgetflow"],
+                                                   entrypoint_type=EntrypointType.MODULE_PATH,
+                                                   job_variables={"env": {**SERVICE_ENV, **run_env(params)}}, **kw)
+            ids.append(str(deployment.apply(image=IMAGE)))
+        else:  # a process worker on this machine runs the code from this checkout
+            source = flow.from_source(source=str(PROJECT_ROOT), entrypoint=ENTRYPOINTS[name])
+            deployment = source.to_deployment(name=name, work_pool_name=pool, tags=["forgetflow"],
+                                              job_variables={"env": run_env(params)}, **kw)
+            ids.append(str(deployment.apply()))
     return ids
