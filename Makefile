@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # this machine's pip prints a warning per package for absent local indexes; keep the log readable
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: venv browser demo demo-quick test test-fast down clean-state
+.PHONY: venv system-packages demo demo-quick test test-fast down clean-state
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,11 +26,16 @@ demo: venv
 demo-quick: venv
 	$(BIN)/forgetflow demo --quick
 
-# the report page is tested in headless Chromium: Debian's package (playwright drives it; no browser download)
-browser:
-	command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -q chromium >/dev/null; } || echo "no chromium: the report-page test will say so"
+# Debian packages the tests use: chromium (the report page, driven by playwright; no browser
+# download) and postgresql (MLflow's production backend). Installed when missing and possible.
+system-packages:
+	for pkg in chromium:chromium postgresql:/usr/lib/postgresql; do \
+	  probe=$${pkg#*:}; name=$${pkg%%:*}; \
+	  { command -v $$probe >/dev/null || [ -e $$probe ]; } || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+	    && apt-get install -y -q $$name >/dev/null; } || echo "no $$name: the tests that need it will say so"; \
+	done
 
-test: venv browser
+test: venv system-packages
 	$(BIN)/python -m pytest -x -q --timeout=1800 --durations=12
 
 test-fast: venv

@@ -30,6 +30,7 @@ class ServicesParams(_Section):
     mlflow_prefix: str = "mlflow"
     prefect_server: bool = True  # `up` also starts a Prefect server (UI, events); false: ephemeral API
     startup_timeout_s: float = 120.0
+    mlflow_backend_env: str = "FORGETFLOW_MLFLOW_BACKEND_URI"  # set: `up`'s MLflow keeps runs and registry there
     signing_key_env: str = "FORGETFLOW_SIGNING_KEY"  # Ed25519 private key (PEM) that signs certificates
     signing_key_file: str = "certificate_key.pem"  # else this file (relative: in the state folder), made on first use
 

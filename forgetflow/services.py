@@ -440,10 +440,11 @@ def _weed_cmd(state: Path, ports: dict[str, int]) -> list[str]:
     ]
 
 
-def _mlflow_cmd(state: Path, bucket: str, prefix: str, port: int) -> list[str]:
-    db = (state / "mlflow.db").resolve()
-    return [sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{db}",
+def _mlflow_cmd(state: Path, bucket: str, prefix: str, port: int, backend: str | None) -> list[str]:
+    """The server command; a database URI from the environment (`backend`, which may hold a
+    password) goes to the server as MLFLOW_BACKEND_STORE_URI, never on its command line."""
+    db = [] if backend else ["--backend-store-uri", f"sqlite:///{(state / 'mlflow.db').resolve()}"]
+    return [sys.executable, "-m", "mlflow", "server", *db,
             "--artifacts-destination", f"s3://{bucket}/{prefix.strip('/')}",
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
 
@@ -558,17 +559,19 @@ def _start_seaweedfs(state: Path, ports: dict[str, int], access: str, secret: st
 
 
 def _start_mlflow(state: Path, port: int, s3_endpoint: str, access: str, secret: str, bucket: str,
-                  prefix: str) -> ServiceRecord:
-    cmd = _mlflow_cmd(state, bucket, prefix, port)
+                  prefix: str, backend: str | None) -> ServiceRecord:
+    cmd = _mlflow_cmd(state, bucket, prefix, port, backend)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
     env.update(MLFLOW_S3_ENDPOINT_URL=s3_endpoint, AWS_ENDPOINT_URL_S3=s3_endpoint, AWS_ACCESS_KEY_ID=access,
                AWS_SECRET_ACCESS_KEY=secret, AWS_DEFAULT_REGION=DEFAULT_REGION,
                MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    if backend:
+        env["MLFLOW_BACKEND_STORE_URI"] = backend
     log = state / "logs" / "mlflow.log"
     proc = _spawn(cmd, log, env, state)
     return ServiceRecord(MLFLOW, proc.pid, _create_time(proc.pid) or time.time(), {"mlflow": port},
                          f"http://127.0.0.1:{port}", str(log.relative_to(state)), cmd,
-                         _fingerprint(access, secret, s3_endpoint, bucket, prefix))
+                         _fingerprint(access, secret, s3_endpoint, bucket, prefix, backend))
 
 
 def _start_prefect(state: Path, port: int) -> ServiceRecord:
@@ -659,14 +662,15 @@ def up(params: Params, state_dir: str | Path | None = None, *, ports: dict[str, 
                 records[SEAWEEDFS] = weed
 
             ml = records.get(MLFLOW)
-            ml_print = _fingerprint(access, secret, weed.endpoint, bucket, prefix)
+            backend = os.environ.get(params.services.mlflow_backend_env) or None
+            ml_print = _fingerprint(access, secret, weed.endpoint, bucket, prefix, backend)
             if ml and not (ml.alive() and ml.fingerprint == ml_print):
                 if ml.alive():  # its S3 endpoint or keys changed under it
                     _stop([ml], 10.0)
                 ml = None
             if ml is None:
                 port = fixed.get(MLFLOW) or _single_port(MLFLOW, records, data, set(_needed(weed.ports)), attempt)
-                ml = _start_mlflow(state, port, weed.endpoint, access, secret, bucket, prefix)
+                ml = _start_mlflow(state, port, weed.endpoint, access, secret, bucket, prefix, backend)
                 started.append(MLFLOW)
                 records[MLFLOW] = ml
 

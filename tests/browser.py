@@ -13,7 +13,7 @@ ARTIFACTS = Path(__file__).parent / "artifacts"  # screenshots of the pages the 
 def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
-        pytest.skip("Debian's chromium is not installed (`make browser` installs it)")
+        pytest.skip("Debian's chromium is not installed (`make system-packages` installs it)")
     return path
 
 
