@@ -111,6 +111,9 @@ def promote(ctx: RunContext, guidance_scale: float, metrics: dict, gates: list[d
     shutil.rmtree(ctx.synth_dir, ignore_errors=True)  # the only clear copy of the request's data
     _certify(env, ctx, report, report_dir, figures, version, synth_sha256)
     env.run.end(ok=True)
+    # the run's working folder goes too: its copies of the versions are in the registry, and
+    # its copy of the evaluation kit (an LLM's roster names the forgotten people) is not needed
+    shutil.rmtree(ctx.work, ignore_errors=True)
     return report
 
 

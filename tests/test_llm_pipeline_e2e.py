@@ -144,6 +144,70 @@ def test_the_request_page_reads_in_a_browser_and_holds_no_personal_value(registe
             assert value not in source
     assert (ARTIFACTS / "llm-request-page.png").stat().st_size > 10_000
 
+
+def test_no_forgotten_value_is_left_in_clear_anywhere_the_pipeline_wrote(registered, services, customers):
+    """Every place the request went through, after it is final: the state folder (ledger,
+    logs, run folders, the MLflow and Prefect servers' databases), the reports, the DVC
+    data, every object of the store, MLflow's runs (params, tags, metrics) and registered
+    versions, Prefect's flow runs (names, parameters) and their logs. Excluded, because the
+    user brought them and the request does not cover them: the training corpus, the base
+    model and its evaluation kit (`artifacts/`, and the kit's copy in the store under the base
+    version's tag), the store's raw volume files (read through the S3 API instead), and the
+    request documents the test itself wrote."""
+    from mlflow import MlflowClient
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter
+    from prefect.client.schemas.sorting import FlowRunSort, LogSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from forgetflow.storage import ObjectStore
+
+    workdir, state_dir = registered
+    values = {v: f"customer {i // 5} field {i % 5}" for i, v in
+              enumerate(v for c in customers[:4] for v in (c.name, c.email, c.phone, c.address, c.account))}
+    found: list[tuple[str, str]] = []
+
+    def scan(where: str, data) -> None:
+        text = data.decode("utf-8", errors="ignore") if isinstance(data, bytes) else str(data)
+        found.extend((where, label) for v, label in values.items() if v in text)
+
+    inputs = {workdir / "artifacts", workdir / "v2" / "parent", state_dir / "seaweedfs"}  # the base model as downloaded
+    request_docs = set(workdir.glob("*.yaml"))
+    for root in (state_dir, workdir):
+        for path in root.rglob("*"):
+            if path.is_file() and not any(p in path.parents for p in inputs) and path not in request_docs:
+                scan(str(path), path.read_bytes())
+    registry = Registry(services.mlflow_uri)
+    base_kit = registry.get_version(MODEL, "1").tags["forgetflow.eval_kit"]
+    store = ObjectStore(services.settings())
+    for key in store.list(""):
+        if not key.startswith(base_kit + "/"):
+            scan(f"s3://{key}", store.get_bytes(key))
+    client = MlflowClient(services.mlflow_uri)
+    for exp in client.search_experiments():
+        for run in client.search_runs([exp.experiment_id]):
+            scan(f"mlflow run {run.info.run_id}", [run.info.run_name, run.data.params, run.data.tags, run.data.metrics])
+    for mv in client.search_model_versions(f"name='{MODEL}'"):
+        scan(f"mlflow {MODEL} v{mv.version}", [mv.tags, mv.description])
+    n_runs = 0
+    # this process's client on the session's server (Prefect read its settings at import)
+    with temporary_settings(updates={PREFECT_API_URL: services.settings().prefect_api_url}), \
+            get_client(sync_client=True) as prefect:  # limit and sort given: the server refuses nulls
+        for offset in range(0, 10_000, 200):
+            runs = prefect.read_flow_runs(sort=FlowRunSort.START_TIME_ASC, limit=200, offset=offset)
+            for run in runs:
+                scan(f"prefect flow run {run.id}", [run.name, run.parameters, run.state and run.state.message])
+            n_runs += len(runs)
+            if len(runs) < 200:
+                break
+        for offset in range(0, 100_000, 200):
+            logs = prefect.read_logs(log_filter=LogFilter(), limit=200, offset=offset, sort=LogSort.TIMESTAMP_ASC)
+            scan("prefect logs", [log.message for log in logs])
+            if len(logs) < 200:
+                break
+    assert n_runs, "no Prefect flow run to scan"
+    assert not found, sorted(set(found))[:20]
+
 def test_a_subject_the_model_knows_nothing_about_is_refused_without_training(registered, services):
     workdir, state_dir = registered
     registry = Registry(services.mlflow_uri)
