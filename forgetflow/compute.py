@@ -41,3 +41,19 @@ def autocast(device: torch.device, compute: ComputeParams):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, compute: ComputeParams) -> torch.amp.GradScaler:
+    """Loss scaling, needed only when autocast runs in fp16 (a no-op otherwise)."""
+    return torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, compute) == torch.float16)
+
+
+def clipped_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 parameters, max_norm: float) -> None:
+    """backward (scaled under fp16), gradient-norm clipping on the unscaled gradients, step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    scaler.step(optimizer)
+    scaler.update()

@@ -35,12 +35,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from forgetflow.checkpoints import CheckpointSink
-from forgetflow.compute import autocast, resolve_device
+from forgetflow.compute import autocast, grad_scaler, resolve_device
 from forgetflow.config import Params, SFDParams
 from forgetflow.diffusion.artifact import (DiffusionVersion, ModelCard, copy_teacher, load_version, save_version,
                                           teacher_dir)
 from forgetflow.diffusion.sampling import denoise, generate_one_step, t_for_sigma, vp_coefficients
-from forgetflow.diffusion.train_base import TRAINING_LOG, grad_scaler, optimizer_step
+from forgetflow.diffusion.train_base import TRAINING_LOG, optimizer_step
 
 STATE_FILE = "state.pt"
 

@@ -18,18 +18,12 @@ import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 from tqdm.auto import trange
 
-from forgetflow.compute import autocast, autocast_dtype, resolve_device
-from forgetflow.config import ComputeParams, Params
+from forgetflow.compute import autocast, grad_scaler, resolve_device
+from forgetflow.config import Params
 from forgetflow.diffusion.artifact import DiffusionVersion, ModelCard, new_scheduler, new_unet, save_version
 from forgetflow.diffusion.data import load_digits_split
 
 TRAINING_LOG = "training_log.json"
-
-
-def grad_scaler(device: torch.device, compute: ComputeParams) -> torch.amp.GradScaler:
-    """Loss scaling, needed only when autocast runs in fp16 (a no-op otherwise)."""
-    enabled = autocast_dtype(device, compute) == torch.float16
-    return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
 def optimizer_step(

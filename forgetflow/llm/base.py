@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from forgetflow.compute import autocast
+from forgetflow.compute import autocast, clipped_step, grad_scaler
 from forgetflow.config import ComputeParams, LLMFinetuneParams, TinyLMParams
 from forgetflow.llm.chat import CHATML_TEMPLATE, answer_ids, prompt_ids
 
@@ -110,6 +110,7 @@ def finetune(model, tokenizer, chats: list[list[dict]], p: LLMFinetuneParams, co
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: p.lr_min_ratio + (1 - p.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
+    scaler = grad_scaler(device, compute)
     history, step = [], 0
     bar = tqdm(total=total, desc="finetune", disable=not progress)
     for epoch in range(p.epochs):
@@ -122,10 +123,7 @@ def finetune(model, tokenizer, chats: list[list[dict]], p: LLMFinetuneParams, co
             mask = (torch.arange(width, device=device)[None] < torch.tensor([len(i) for i, _ in batch], device=device)[:, None]).long()
             with autocast(device, compute):
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-            optimizer.step()
+            clipped_step(loss, optimizer, scaler, model.parameters(), p.grad_clip)
             schedule.step()
             step += 1
             bar.update(1)

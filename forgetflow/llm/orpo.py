@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from forgetflow.checkpoints import CheckpointSink
-from forgetflow.compute import autocast
+from forgetflow.compute import autocast, clipped_step, grad_scaler
 from forgetflow.config import ComputeParams, LLMUnlearnParams
 from forgetflow.llm.chat import answer_ids, prompt_ids
 
@@ -157,6 +157,7 @@ def train_adapter(model, tokenizer, rows: list[dict], p: LLMUnlearnParams, compu
     optimizer = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: p.lr_min_ratio + (1 - p.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
+    scaler = grad_scaler(device, compute)
     step, history = 0, []
     latest = checkpoints.latest() if checkpoints else None
     if latest is not None:
@@ -168,6 +169,7 @@ def train_adapter(model, tokenizer, rows: list[dict], p: LLMUnlearnParams, compu
         set_peft_model_state_dict(peft_model, load_file(Path(state_dir) / "adapter.safetensors"))
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
+        scaler.load_state_dict(state.get("scaler", {}))
         history = state["history"]
     order = list(range(len(encoded)))
     peft_model.train()
@@ -178,10 +180,7 @@ def train_adapter(model, tokenizer, rows: list[dict], p: LLMUnlearnParams, compu
         idx = order[offset * p.batch_size:(offset + 1) * p.batch_size]
         with autocast(device, compute):
             loss, stats = batch_loss(peft_model, tokenizer, [encoded[i] for i in idx], p)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, p.grad_clip)
-        optimizer.step()
+        clipped_step(loss, optimizer, scaler, trainable, p.grad_clip)
         schedule.step()
         step += 1
         bar.update(1)
@@ -189,21 +188,21 @@ def train_adapter(model, tokenizer, rows: list[dict], p: LLMUnlearnParams, compu
             history.append({"step": step, **stats})
             bar.set_postfix(loss=f"{stats['loss']:.3f}")
         if checkpoints is not None and (step % p.checkpoint_every == 0) and step < total:
-            _save_checkpoint(peft_model, optimizer, schedule, history, step, checkpoints)
+            _save_checkpoint(peft_model, optimizer, schedule, scaler, history, step, checkpoints)
     bar.close()
     peft_model.eval()
     peft_model.save_pretrained(adapter_dir)
     return history
 
 
-def _save_checkpoint(peft_model, optimizer, schedule, history, step: int, sink: CheckpointSink) -> None:
+def _save_checkpoint(peft_model, optimizer, schedule, scaler, history, step: int, sink: CheckpointSink) -> None:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory(prefix="forgetflow-llm-ckpt-") as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
         save_file(state, Path(tmp) / "adapter.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "history": history,
-                    "step": step}, Path(tmp) / "trainer.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
+                    "history": history, "step": step}, Path(tmp) / "trainer.pt")
         (Path(tmp) / "step.json").write_text(json.dumps({"step": step}))
         sink.save(step, Path(tmp))
