@@ -100,7 +100,7 @@ class LLMFamily:
 
     def unlearn(self, model_dir: Path, synth_dir: Path, out_dir: Path, params: Params, *, method: str,
                 base_version: str, checkpoints: CheckpointSink | None, progress: bool) -> Path:
-        from forgetflow.llm.artifact import ADAPTER_DIR, LLMCard, read_card, write_card
+        from forgetflow.llm.artifact import ADAPTER_DIR, LLMCard, write_card
         from forgetflow.llm.orpo import train_adapter
         from forgetflow.llm.synthesize import read_rows, read_spec
 
