@@ -345,4 +345,22 @@ class Registry:
                 self.client.set_model_version_tag(name, str(version), key, str(value))
 
 
-__all__ = ["Registry", "ModelVersionInfo", "UnknownModel", "CHAMPION", "CHALLENGER"]
+class PromotionConflict(RuntimeError):
+    """The champion moved while a request ran; it must be rebased, never overwritten."""
+
+
+def promote_champion(registry: Registry, state_dir: str | Path, name: str, version: str, base_version: str) -> None:
+    """Make `version` @champion if @champion is still `base_version` (or already `version`:
+    a retried promote), as one step under the model's lock; otherwise PromotionConflict, and
+    @champion stays where it is. Of two promotions racing from one base, exactly one wins."""
+    from forgetflow.locks import model_lock
+
+    with model_lock(state_dir, name):
+        current = registry.alias_version(name, CHAMPION)
+        if current != str(version) and not registry.move_champion_if(name, version, base_version):
+            raise PromotionConflict(f"{name}: base v{base_version} is no longer @champion (now v{current}); "
+                                    f"rerun the request to rebase it on the new champion")
+
+
+__all__ = ["Registry", "ModelVersionInfo", "UnknownModel", "PromotionConflict", "promote_champion", "CHAMPION",
+           "CHALLENGER"]

@@ -13,8 +13,8 @@ from prefect import get_run_logger, task
 
 from forgetflow.certificate import (certificate_body, sha256_file, sign, signing_key, tree_hash, weight_hashes,
                                     write_certificate)
-from forgetflow.locks import model_lock
 from forgetflow.plots import plot_metric_bars
+from forgetflow.registry import promote_champion
 from forgetflow.report import build_report, code_revisions, write_report
 from forgetflow.runs import RunContext, s3_prefix
 from tasks.common import StageEnv, timed
@@ -25,10 +25,6 @@ HEADLINE_METRICS = {
                   "seconds_per_1000_samples"],
     "llm": ["leak_rate", "retained_recall", "utility_accuracy", "perplexity", "value_rank"],
 }
-
-
-class PromotionConflict(RuntimeError):
-    """The champion moved while this request ran; it must be rebased, never overwritten."""
 
 
 def _find_registered(env: StageEnv, ctx: RunContext) -> str | None:
@@ -82,12 +78,7 @@ def promote(ctx: RunContext, guidance_scale: float, metrics: dict, gates: list[d
                         f"{f' and {len(ctx.batch)} more' if ctx.batch else ''} on v{ctx.base_version}")
         env.registry.set_alias(ctx.model, "challenger", version)
         if passed:
-            with model_lock(ctx.state_dir, ctx.model):
-                current = env.registry.alias_version(ctx.model, "champion")
-                if current != version and not env.registry.move_champion_if(ctx.model, version, ctx.base_version):
-                    raise PromotionConflict(
-                        f"{ctx.model}: base v{ctx.base_version} is no longer @champion (now v{current}); "
-                        f"rerun the request to rebase it on the new champion")
+            promote_champion(env.registry, ctx.state_dir, ctx.model, version, ctx.base_version)
             status, error = "promoted", None
         else:
             failed = [g["name"] for g in gates if not g["passed"]]

@@ -161,3 +161,44 @@ def test_pyfunc_predict_samples_a_registered_diffusion_version(registry, name, t
     assert guided.shape == images.shape and not np.array_equal(guided, images)
     np.testing.assert_array_equal(images, pyfunc_model.predict(pd.DataFrame({"label": [3, 5, 3], "seed": [1, 2, 1]}),
                                                                params={"guidance_scale": 1.0}))
+
+
+def _race(uri: str, state_dir: str, name: str, version: str, start_at: float, out) -> None:
+    """One promotion, in its own process, released at the same instant as its rival."""
+    import time
+
+    from forgetflow.registry import PromotionConflict, promote_champion
+
+    time.sleep(max(0.0, start_at - time.time()))
+    try:
+        promote_champion(Registry(uri, probe=False), state_dir, name, version, "1")
+        out.put((version, "won"))
+    except PromotionConflict as exc:
+        out.put((version, str(exc)))
+
+
+def test_two_promotions_racing_from_one_base_exactly_one_wins(registry, name, tmp_path, services):
+    import multiprocessing
+    import time
+
+    v1 = registry.register(name, _model_dir(tmp_path / "m1"))
+    registry.set_alias(name, "champion", v1)
+    rivals = [registry.register(name, _model_dir(tmp_path / f"m{i}")) for i in (2, 3)]
+    ctx = multiprocessing.get_context("spawn")
+    out, start_at = ctx.Queue(), time.time() + 8.0  # both processes are up by then
+    procs = [ctx.Process(target=_race, args=(services.mlflow_uri, str(tmp_path / "state"), name, v, start_at, out))
+             for v in rivals]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    winners = [v for v, r in results.items() if r == "won"]
+    assert len(winners) == 1, results
+    loser = next(v for v in rivals if v not in winners)
+    assert f"base v1 is no longer @champion (now v{winners[0]})" in results[loser]
+    assert registry.alias_version(name, "champion") == winners[0]
+    # a retried promotion of the winner is not a conflict
+    from forgetflow.registry import promote_champion
+
+    promote_champion(registry, str(tmp_path / "state"), name, winners[0], "1")
