@@ -32,7 +32,9 @@ def test_payload_is_encrypted_and_shredded_when_final(tmp_path):
         ledger.load_request("r-1")
     entry = ledger.get("r-1")
     assert entry.key_shredded and entry.state == "promoted" and entry.new_version == "2"
-    assert [e["state"] for e in ledger.events("r-1")] == ["accepted", "promoted"]
+    assert [e["state"] for e in ledger.events("r-1")] == ["accepted", "promoted", "key-shredded"]
+    ledger.shred("r-1")  # again: one event, the first shredding's time stays
+    assert [e["state"] for e in ledger.events("r-1")].count("key-shredded") == 1
 
 
 def test_unknown_ids_and_fields(tmp_path):
