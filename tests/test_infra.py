@@ -100,94 +100,20 @@ def test_deploy_registers_the_deployments_on_a_kubernetes_work_pool(services, tm
                      "--work-pool", "forgetflow-k8s")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     with get_client(sync_client=True) as client:
-        pool = client.read_work_pool("forgetflow-k8s")
-        assert pool.type == "kubernetes"
-        assert pool.base_job_template["variables"]["properties"]["namespace"]["default"] == "forgetflow"
         # explicit limit and sort: this server answers 422 to the client's null defaults
         deployments = [d for d in client.read_deployments(limit=100, sort=DeploymentSort.NAME_ASC)
                        if d.work_pool_name == "forgetflow-k8s"]
-    assert {d.name for d in deployments} == {"unlearn-on-request", "process-pending"}
-    for d in deployments:
-        assert d.job_variables["image"] == "forgetflow-worker:latest" and not d.pull_steps
-        assert ":" not in d.entrypoint  # a module path: the code comes from the image
-        assert d.parameters["state_dir"] == "/var/lib/forgetflow"
-
-
-@pytest.fixture
-def postgres():
-    """A throwaway PostgreSQL (Debian's package) on a free loopback port with password auth;
-    yields its URI for a database `mlflow`. Run as the `postgres` user when we are root."""
-    import os
-    import socket
-    import tempfile
-
-    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
-    if not bins:
-        pytest.skip("Debian's postgresql package is not installed (`make system-packages` installs it)")
-    bin_dir = bins[-1]
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    root = Path(tempfile.mkdtemp(prefix="forgetflow-pg-"))  # outside pytest's root-only tmp
-    password = os.urandom(12).hex()
-    (root / "pw").write_text(password)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    if as_postgres:
-        shutil.chown(root, "postgres")
-        shutil.chown(root / "pw", "postgres")
-
-    def pg(*cmd: str, **kw):
-        return subprocess.run([*as_postgres, *cmd], check=True, capture_output=True, text=True, timeout=120, **kw)
-
-    pg(str(bin_dir / "initdb"), "-D", str(root / "data"), "-U", "forgetflow", f"--pwfile={root / 'pw'}",
-       "--auth-local=scram-sha-256", "--auth-host=scram-sha-256")
-    pg(str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w", "-o",
-       f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start")
-    try:
-        env = {**os.environ, "PGPASSWORD": password}
-        pg(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "forgetflow", "mlflow", env=env)
-        yield f"postgresql://forgetflow:{password}@127.0.0.1:{port}/mlflow"
-    finally:
-        pg(str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-m", "fast", "-w", "stop")
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.mark.slow
-@pytest.mark.services
-def test_mlflow_keeps_runs_and_the_registry_in_postgresql(postgres, untrained_version, tmp_path, monkeypatch):
-    """The production backend, not only sqlite: `up` with FORGETFLOW_MLFLOW_BACKEND_URI set
-    runs MLflow on PostgreSQL; a version is registered, aliased and downloaded, and its row
-    is in PostgreSQL; the password is on no command line and in no state file."""
-    import psycopg2
-
-    from forgetflow import services as svc
-    from forgetflow.config import Params, load_params
-    from forgetflow.registry import Registry
-    from tests.conftest import CLIENT_VARS
-
-    raw = load_params().model_dump()
-    raw["services"]["prefect_server"] = False
-    params = Params.model_validate(raw)
-    for var in CLIENT_VARS:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv(params.services.mlflow_backend_env, postgres)
-    state = tmp_path / "state"
-    info = svc.up(params, state)
-    try:
-        for key, value in svc.client_env(info).items():
-            monkeypatch.setenv(key, value)
-        registry = Registry(info.mlflow_uri)
-        version = registry.register("digits-pg", untrained_version)
-        registry.set_alias("digits-pg", "champion", version)
-        assert registry.alias_version("digits-pg", "champion") == version
-        got = registry.download("digits-pg", version, tmp_path / "download")
-        assert (got / "model_card.json").read_text() == (untrained_version / "model_card.json").read_text()
-        with psycopg2.connect(postgres) as db, db.cursor() as cur:
-            cur.execute("SELECT name, version FROM model_versions")
-            assert ("digits-pg", int(version)) in cur.fetchall()
-        assert not (state / "mlflow.db").exists()
-        password = postgres.split(":")[2].split("@")[0]
-        assert all(password not in p.read_text(errors="ignore") for p in state.rglob("*.json"))
-        assert password not in " ".join(json.loads((state / "services.json").read_text())["services"]["mlflow"]["cmd"])
-    finally:
-        svc.down(state, timeout_s=2.0)
+        pool = client.read_work_pool("forgetflow-k8s")
+        try:
+            assert pool.type == "kubernetes"
+            assert pool.base_job_template["variables"]["properties"]["namespace"]["default"] == "forgetflow"
+            assert {d.name for d in deployments} == {"unlearn-on-request", "process-pending"}
+            for d in deployments:
+                assert d.job_variables["image"] == "forgetflow-worker:latest" and not d.pull_steps
+                assert ":" not in d.entrypoint  # a module path: the code comes from the image
+                assert d.parameters["state_dir"] == "/var/lib/forgetflow"
+        finally:  # nothing of this test may react to the session's later request events
+            for d in deployments:
+                client.delete_resource_owned_automations(f"prefect.deployment.{d.id}")
+                client.delete_deployment(d.id)
+            client.delete_work_pool("forgetflow-k8s")
