@@ -90,6 +90,7 @@ def test_the_work_pool_job_templates_render_to_valid_jobs(gpus):
 def test_deploy_registers_the_deployments_on_a_kubernetes_work_pool(services, tmp_path):
     from prefect import get_client
     from prefect.client.schemas.sorting import DeploymentSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from tests.cli import forgetflow
 
@@ -99,7 +100,9 @@ def test_deploy_registers_the_deployments_on_a_kubernetes_work_pool(services, tm
     out = forgetflow(tmp_path, Path(services.state_dir), "--params", str(tmp_path / "params.yaml"), "deploy",
                      "--work-pool", "forgetflow-k8s")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    with get_client(sync_client=True) as client:
+    # this process's client on the session's server (Prefect read its settings at import)
+    with temporary_settings(updates={PREFECT_API_URL: services.settings().prefect_api_url}), \
+            get_client(sync_client=True) as client:
         # explicit limit and sort: this server answers 422 to the client's null defaults
         deployments = [d for d in client.read_deployments(limit=100, sort=DeploymentSort.NAME_ASC)
                        if d.work_pool_name == "forgetflow-k8s"]
