@@ -149,6 +149,7 @@ def train_adapter(model, tokenizer, rows: list[dict], p: LLMUnlearnParams, compu
     from tqdm.auto import tqdm
 
     model.requires_grad_(False)
+    torch.manual_seed(p.seed)  # the adapter's initialisation and dropout: the same run in any process
     peft_model = _lora(model, p).to(device)
     encoded = [encode_row(tokenizer, r, p.max_length) for r in rows]
     steps_per_epoch = math.ceil(len(encoded) / p.batch_size)
