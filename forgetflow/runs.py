@@ -12,6 +12,7 @@ models, never request content. Layout under the state folder::
     runs/<request_id>/synth/       forget / replacement data (synthesize)
     runs/<request_id>/new/         the unlearned version (unlearn, then calibrate)
     runs/<request_id>/evaluation/  figures and metric files (calibrate, evaluate)
+    cache/                         kept across runs: a teacher's evaluation samples, by content
 """
 from __future__ import annotations
 
@@ -43,6 +44,11 @@ class RunContext:
     def request_ids(self) -> list[str]:
         """Every request this run applies, the lead first."""
         return [self.request_id, *self.batch]
+
+    @property
+    def cache_dir(self) -> Path:
+        """What families keep across runs (forgetflow/diffusion/sample_cache.py)."""
+        return Path(self.state_dir) / "cache"
 
     @property
     def base_dir(self) -> Path:

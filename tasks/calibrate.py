@@ -16,7 +16,7 @@ def calibrate(ctx: RunContext) -> tuple[RunContext, float]:
     env = StageEnv(ctx)
     with timed(ctx, "calibrate"):
         scale, curve = env.family.calibrate(ctx.base_dir, ctx.new_dir, ctx.synth_dir, ctx.eval_kit_dir,
-                                            env.params, ctx.evaluation_dir)
+                                            env.params, ctx.evaluation_dir, cache_dir=ctx.cache_dir)
         ctx.evaluation_dir.mkdir(parents=True, exist_ok=True)
         (ctx.evaluation_dir / "guidance_curve.json").write_text(json.dumps(curve, indent=2))
         plot_guidance_curve(curve, scale, ctx.evaluation_dir / "guidance_curve.png")

@@ -15,7 +15,7 @@ def evaluate(ctx: RunContext) -> tuple[RunContext, dict, list[dict]]:
     env = StageEnv(ctx)
     with timed(ctx, "evaluate"):
         metrics = env.family.evaluate(ctx.base_dir, ctx.new_dir, ctx.synth_dir, ctx.eval_kit_dir,
-                                      env.params, ctx.evaluation_dir)
+                                      env.params, ctx.evaluation_dir, cache_dir=ctx.cache_dir)
         gates = [g.to_dict() for g in env.family.gates(metrics, env.params)]
         (ctx.evaluation_dir / "metrics.json").write_text(json.dumps({"metrics": metrics, "gates": gates}, indent=2))
         for name in ("base", "new", "reference"):  # reference: the lineage's teacher (chained diffusion)

@@ -13,9 +13,10 @@ from forgetflow.config import GateParams
 from forgetflow.diffusion.artifact import ArtifactError, load_version, new_scheduler, save_version, teacher_dir
 from forgetflow.diffusion.calibrate import diffusion_gates
 from forgetflow.diffusion.data import load_digits_split
-from forgetflow.diffusion.evaluate import frechet_distance
+from forgetflow.diffusion.evaluate import evaluate_version, frechet_distance
 from forgetflow.diffusion.judge import accuracy, load_judge
 from forgetflow.diffusion.methods import DIFFUSION_METHODS, get_method
+from forgetflow.diffusion.sample_cache import sample_classes
 from forgetflow.diffusion.sampling import nfe, sample, t_for_sigma
 from forgetflow.diffusion.sfd import RANDOM_OVERRIDE, SFD, _Batcher, train_sfd
 from forgetflow.families.diffusion import resolve_overrides
@@ -111,6 +112,42 @@ def test_sampling_is_deterministic_in_the_seed(untrained_version, one_step_versi
         assert first.shape == (4, 1, 16, 16) and first.min() >= -1 and first.max() <= 1
         assert torch.equal(first, sample(version, labels, seed=5, params=tiny_params, device="cpu"))
         assert not torch.equal(first, sample(version, labels, seed=6, params=tiny_params, device="cpu"))
+
+
+def test_a_classs_samples_do_not_depend_on_the_other_classes_asked_for(untrained_version, tiny_params):
+    version = load_version(untrained_version)
+    kw = {"seed": 3, "guidance_scale": 2.0, "params": with_overrides(tiny_params, sampler={"num_inference_steps": 2}),
+          "device": CPU}
+    alone, labels, _ = sample_classes(version, untrained_version, {7: 3}, **kw)
+    together, labels_together, _ = sample_classes(version, untrained_version, {2: 4, 7: 3}, **kw)
+    assert labels.tolist() == [7] * 3 and labels_together.tolist() == [2] * 4 + [7] * 3
+    assert torch.allclose(alone, together[4:], atol=1e-5)
+
+
+def test_a_teachers_evaluation_samples_are_drawn_once_and_read_back(untrained_version, judge_dir, tiny_params,
+                                                                   tmp_path):
+    params = with_overrides(tiny_params, sampler={"num_inference_steps": 2},
+                            evaluate={"forget_samples": 6, "samples_per_remaining_class": 4})
+    cache = tmp_path / "cache"
+    first = evaluate_version(untrained_version, judge_dir, [(7, 8)], params, seed=1, cache_dir=cache, device=CPU)
+    entries = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.pt")}
+    assert len(entries) == 10  # one per class
+    again = evaluate_version(untrained_version, judge_dir, [(7, 8)], params, seed=1, cache_dir=cache, device=CPU)
+    assert again == first  # the images, and the seconds their drawing took, read back
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.pt")} == entries  # nothing drawn again
+    # another request's forget class: the classes asked for as often as before come from the cache
+    other = evaluate_version(untrained_version, judge_dir, [(3, 4)], params, seed=1, cache_dir=cache, device=CPU)
+    assert other["per_class_accuracy"]["5"] == first["per_class_accuracy"]["5"]
+    assert len(list(cache.glob("*.pt"))) == 12  # 3 at 6 samples and 7 at 4 are new
+    # a half-written entry (a killed run) is drawn again, not loaded
+    victim = cache / next(iter(entries))
+    victim.write_bytes(b"half a file")
+    assert evaluate_version(untrained_version, judge_dir, [(7, 8)], params, seed=1, cache_dir=cache,
+                            device=CPU)["per_class_accuracy"] == first["per_class_accuracy"]
+    assert torch.load(victim, weights_only=True)["images"].shape[1:] == (1, 16, 16)
+    # a different seed is a different set of samples
+    assert evaluate_version(untrained_version, judge_dir, [(7, 8)], params, seed=2, cache_dir=cache,
+                            device=CPU) != first
 
 
 def test_nfe_of_one_step_and_ddim(untrained_version, one_step_version, tiny_params):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from forgetflow.storage import ObjectStore
 
@@ -38,6 +39,15 @@ def _fresh_clone(dst: Path, env: dict[str, str]) -> Path:
     return dst
 
 
+def _small_train_base(clone: Path) -> None:
+    """The clone's user tunes the tiny preset down: DVC's plumbing is under test, not the
+    model (tests/diffusion_fixtures.py trains the tiny teacher the other tests judge)."""
+    params_path = clone / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["presets"]["tiny"]["diffusion"]["base"] = {"steps": 20, "judge_epochs": 1}
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def _digests(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -48,6 +58,8 @@ def test_repro_push_and_pull_on_fresh_clones(services, tmp_path):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     forgetflow, dvc = [sys.executable, "-m", "forgetflow.cli"], [sys.executable, "-m", "dvc"]
     first = _fresh_clone(tmp_path / "first", env)
+    _small_train_base(first)
+    _run([*GIT, "commit", "-qam", "a small train_base"], first, env)
     assert "DVC remote:        store -> s3://" in _run([*forgetflow, "up"], first, env)
     _run([*dvc, "repro", "train_base"], first, env)
     outs = first / "artifacts" / "digits-ddpm"

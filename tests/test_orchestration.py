@@ -124,6 +124,17 @@ def runs_named(prefix: str) -> list:
                                      sort=FlowRunSort.START_TIME_ASC, limit=200)
 
 
+def final_runs(prefix: str, count: int, timeout_s: float = 120) -> list:
+    """The runs named `prefix`*, once `count` of them are in a final state: a request is final in
+    the ledger a moment before its flow run returns and the server records the run completed."""
+    deadline = time.time() + timeout_s
+    runs = runs_named(prefix)
+    while sum(1 for r in runs if r.state and r.state.is_final()) < count and time.time() < deadline:
+        time.sleep(2)
+        runs = runs_named(prefix)
+    return runs
+
+
 def unlearn_intervals(flow_runs: list) -> dict[str, tuple[float, float]]:
     """Flow run name -> (start, end) of its `unlearn` task: when it trained."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
@@ -178,7 +189,7 @@ def chain(workspace, monkeypatch_module):
         started = time.time()
         entries = wait_final(state_dir, [*CHAIN_CLASSES, "side-4"], log)
         elapsed = time.time() - started
-        on_request_runs = runs_named("on-request-")
+        on_request_runs = final_runs("on-request-", count=len(CHAIN_CLASSES) + 1)
         # a trigger firing twice: the accepted event of chain-7 again, after it is promoted
         from prefect.events import emit_event
 

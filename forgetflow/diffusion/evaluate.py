@@ -17,7 +17,6 @@ of the judge's penultimate features:
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from forgetflow.config import Params
 from forgetflow.diffusion.artifact import load_card, load_version
 from forgetflow.diffusion.data import load_digits_split
 from forgetflow.diffusion.judge import load_judge
+from forgetflow.diffusion.sample_cache import sample_classes
 from forgetflow.diffusion.sampling import nfe, sample
 from forgetflow.diffusion.sfd import RANDOM_OVERRIDE
 
@@ -52,10 +52,6 @@ def frechet_distance(feats_a: Tensor | np.ndarray, feats_b: Tensor | np.ndarray)
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_sqrt)
 
 
-def _label_tensor(counts: dict[int, int]) -> Tensor:
-    return torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in counts.items()])
-
-
 def evaluate_version(
     version_dir: Path,
     judge_dir: Path,
@@ -66,10 +62,13 @@ def evaluate_version(
     guidance_scale: float | None = None,
     device: torch.device | None = None,
     samples_scale: float = 1.0,
+    cache_dir: Path | None = None,
     progress: bool = False,
 ) -> dict:
     """All metrics of one version (see the module docstring); forget metrics are None when
-    forget_pairs is empty. samples_scale scales the sample counts (calibration uses fewer)."""
+    forget_pairs is empty. samples_scale scales the sample counts (calibration uses fewer).
+    Samples are drawn class by class (forgetflow/diffusion/sample_cache.py), a multi-step
+    version's kept in cache_dir when one is given."""
     ev = params.diffusion.evaluate
     device = device or resolve_device(params.compute)
     version = load_version(version_dir, device)
@@ -82,12 +81,11 @@ def evaluate_version(
     n_remaining = max(1, round(ev.samples_per_remaining_class * samples_scale))
     n_forget = math.ceil(max(1, round(ev.forget_samples * samples_scale)) / max(1, len(pairs)))
     counts = {c: n_forget if c in pairs else n_remaining for c in range(card.num_classes)}
-    labels = _label_tensor(counts)
+    w = card.guidance_scale if guidance_scale is None else float(guidance_scale)
     # the sampling speed is timed on the metric samples themselves (no second sampling run)
-    start = time.perf_counter()
-    images = sample(version, labels, seed=seed, guidance_scale=guidance_scale, params=params,
-                    device=device, progress=progress)
-    seconds_per_1000 = (time.perf_counter() - start) * 1000.0 / len(labels)
+    images, labels, seconds = sample_classes(version, version_dir, counts, seed=seed, guidance_scale=w,
+                                             params=params, device=device, cache_dir=cache_dir, progress=progress)
+    seconds_per_1000 = seconds * 1000.0 / len(labels)
     said = judge.predict_proba(images).argmax(dim=1)
     feats = judge.features(images)
     per_class = {str(c): (said[labels == c] == c).float().mean().item() for c in range(card.num_classes)}
@@ -129,7 +127,7 @@ def evaluate_version(
     metrics.update(
         seconds_per_1000_samples=seconds_per_1000,
         nfe=nfe(version, guidance_scale, params),
-        guidance_scale=card.guidance_scale if guidance_scale is None else float(guidance_scale),
+        guidance_scale=w,
     )
     return metrics
 

@@ -10,6 +10,8 @@ Classifier-free guidance with weight w: eps_null + w (eps_c - eps_null) (w = 1: 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from torch import Tensor
@@ -85,7 +87,46 @@ def _sample_ddim(
     return x
 
 
+def draw_noise(n: int, image_size: int, seed: int) -> Tensor:
+    """z ~ N(0, I) [n, 1, H, W] on the CPU (the same on every device), from one
+    torch.Generator seeded with `seed`."""
+    rng = torch.Generator().manual_seed(seed)
+    return torch.randn((n, 1, image_size, image_size), generator=rng)
+
+
 @torch.inference_mode()
+def sample_from_noise(
+    version: DiffusionVersion,
+    z: Tensor,
+    labels: Tensor,
+    *,
+    guidance_scale: float | None = None,
+    params: Params,
+    device: torch.device | str,
+    progress: bool = False,
+) -> Tensor:
+    """Images [N, 1, H, W] in [-1, 1] (on the CPU) for class `labels` from the noise `z`
+    (deterministic in z: DDIM with eta 0, or the one-step generator). Batched by
+    sampler.batch_size. guidance_scale None takes the version card's scale."""
+    device = torch.device(device)
+    w = version.card.guidance_scale if guidance_scale is None else float(guidance_scale)
+    out = []
+    batch = params.diffusion.sampler.batch_size
+    for z_chunk, c in tqdm(zip(z.split(batch), labels.split(batch)), total=math.ceil(len(labels) / batch),
+                           disable=not progress, desc="sampling"):
+        z_chunk, c = z_chunk.to(device), c.to(device)
+        if version.card.kind == "one-step":
+            x = generate_one_step(
+                version.generator, version.scheduler, z_chunk, c, version.card.t_init, w,
+                version.card.null_class, params.compute,
+            )
+        else:
+            x = _sample_ddim(version, z_chunk, c, w, params)
+        out.append(x.clamp(-1.0, 1.0).float().cpu())
+    size = version.card.image_size
+    return torch.cat(out) if out else torch.empty((0, 1, size, size))
+
+
 def sample(
     version: DiffusionVersion,
     labels: Tensor,
@@ -96,29 +137,10 @@ def sample(
     device: torch.device | str,
     progress: bool = False,
 ) -> Tensor:
-    """Images [N, 1, H, W] in [-1, 1] (on the CPU) for class `labels`; deterministic in `seed`.
-
-    guidance_scale None takes the version card's scale. Batched by sampler.batch_size; the
-    noise of every batch comes from one torch.Generator seeded with `seed`.
-    """
-    device = torch.device(device)
-    w = version.card.guidance_scale if guidance_scale is None else float(guidance_scale)
-    rng = torch.Generator(device).manual_seed(seed)
-    size = version.card.image_size
-    out = []
-    batch = params.diffusion.sampler.batch_size
-    for chunk in tqdm(labels.split(batch), disable=not progress, desc="sampling"):
-        c = chunk.to(device)
-        z = torch.randn((len(c), 1, size, size), generator=rng, device=device)
-        if version.card.kind == "one-step":
-            x = generate_one_step(
-                version.generator, version.scheduler, z, c, version.card.t_init, w,
-                version.card.null_class, params.compute,
-            )
-        else:
-            x = _sample_ddim(version, z, c, w, params)
-        out.append(x.clamp(-1.0, 1.0).float().cpu())
-    return torch.cat(out) if out else torch.empty((0, 1, size, size))
+    """sample_from_noise on noise drawn from `seed` (draw_noise): deterministic in `seed`."""
+    z = draw_noise(len(labels), version.card.image_size, seed)
+    return sample_from_noise(version, z, labels, guidance_scale=guidance_scale, params=params, device=device,
+                             progress=progress)
 
 
 def nfe(version: DiffusionVersion, guidance_scale: float | None, params: Params) -> int:

@@ -50,11 +50,13 @@ class Family(Protocol):
         base_version where the family stores versions as deltas)."""
 
     def calibrate(self, base_dir: Path, new_dir: Path, synth_dir: Path, eval_kit: Path,
-                  params: Params, out_dir: Path) -> tuple[float, list[dict]]:
-        """Choose the guidance scale on calibration data; write it into new_dir's card."""
+                  params: Params, out_dir: Path, *, cache_dir: Path | None = None) -> tuple[float, list[dict]]:
+        """Choose the guidance scale on calibration data; write it into new_dir's card.
+        cache_dir: where a family may keep what it measured of an unchanged model (the
+        diffusion family: its teacher's evaluation samples) for later requests."""
 
     def evaluate(self, base_dir: Path, new_dir: Path, synth_dir: Path, eval_kit: Path,
-                 params: Params, out_dir: Path) -> dict:
+                 params: Params, out_dir: Path, *, cache_dir: Path | None = None) -> dict:
         """Held-out metrics {"base": {...}, "new": {...}}, plus figures written to out_dir."""
 
     def gates(self, metrics: dict, params: Params) -> list[Gate]: ...

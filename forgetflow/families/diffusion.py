@@ -133,7 +133,7 @@ class DiffusionFamily:
         return train_sfd(model_dir, out_dir, pairs, params, checkpoints=checkpoints, progress=progress, method=method)
 
     def calibrate(self, base_dir: Path, new_dir: Path, synth_dir: Path, eval_kit: Path,
-                  params: Params, out_dir: Path) -> tuple[float, list[dict]]:
+                  params: Params, out_dir: Path, *, cache_dir: Path | None = None) -> tuple[float, list[dict]]:
         from forgetflow.diffusion.artifact import teacher_dir
         from forgetflow.diffusion.calibrate import calibrate_guidance
         from forgetflow.diffusion.evaluate import evaluate_version
@@ -141,7 +141,8 @@ class DiffusionFamily:
         pairs = _all_pairs(synth_dir)
         cal = params.diffusion.calibrate
         reference = evaluate_version(teacher_dir(base_dir), eval_kit, pairs, params, seed=cal.seed,
-                                     samples_scale=cal.samples_per_class / params.diffusion.evaluate.samples_per_remaining_class)
+                                     samples_scale=cal.samples_per_class / params.diffusion.evaluate.samples_per_remaining_class,
+                                     cache_dir=cache_dir)
         scale, curve = calibrate_guidance(new_dir, eval_kit, pairs, params, reference)
         card_path = Path(new_dir) / "model_card.json"
         card = json.loads(card_path.read_text())
@@ -150,19 +151,20 @@ class DiffusionFamily:
         return scale, curve
 
     def evaluate(self, base_dir: Path, new_dir: Path, synth_dir: Path, eval_kit: Path,
-                 params: Params, out_dir: Path) -> dict:
+                 params: Params, out_dir: Path, *, cache_dir: Path | None = None) -> dict:
         from forgetflow.diffusion.artifact import teacher_dir
         from forgetflow.diffusion.evaluate import evaluate_version, save_comparison_grid
 
         pairs = _all_pairs(synth_dir)
         seed = params.diffusion.evaluate.seed
         metrics = {
-            "base": evaluate_version(base_dir, eval_kit, pairs, params, seed=seed, progress=True),
+            "base": evaluate_version(base_dir, eval_kit, pairs, params, seed=seed, cache_dir=cache_dir, progress=True),
             "new": evaluate_version(new_dir, eval_kit, pairs, params, seed=seed, progress=True),
         }
         teacher = teacher_dir(base_dir)
         if teacher != Path(base_dir):  # a chained request: gates are measured against the lineage's teacher
-            metrics["reference"] = evaluate_version(teacher, eval_kit, pairs, params, seed=seed, progress=True)
+            metrics["reference"] = evaluate_version(teacher, eval_kit, pairs, params, seed=seed, cache_dir=cache_dir,
+                                                    progress=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_comparison_grid(base_dir, new_dir, out_dir / "samples_before_after.png", params, seed=seed)
         return metrics

@@ -126,7 +126,7 @@ class LLMFamily:
         return Path(out_dir)
 
     def calibrate(self, base_dir: Path, new_dir: Path, synth_dir: Path, eval_kit: Path, params: Params,
-                  out_dir: Path) -> tuple[float, list[dict]]:
+                  out_dir: Path, *, cache_dir: Path | None = None) -> tuple[float, list[dict]]:
         from forgetflow.llm.artifact import read_card, write_card
         from forgetflow.llm.calibrate import calibrate_guidance, calibration_point
         from forgetflow.llm.evalkit import QUESTIONS, prose_split
@@ -148,7 +148,7 @@ class LLMFamily:
         return card.guidance_scale, curve
 
     def evaluate(self, base_dir: Path, new_dir: Path, synth_dir: Path, eval_kit: Path, params: Params,
-                 out_dir: Path) -> dict:
+                 out_dir: Path, *, cache_dir: Path | None = None) -> dict:
         from forgetflow.llm.artifact import read_card
         from forgetflow.llm.evalkit import QUESTIONS, prose_split
         from forgetflow.llm.evaluate import (Policy, evaluate_llm, leak_metrics, load_questions, raw_policy,

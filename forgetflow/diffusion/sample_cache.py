@@ -1,0 +1,102 @@
+"""Evaluation samples drawn class by class, those of multi-step versions kept on disk.
+
+Class c's n samples come from noise seeded with seed * K + c (K classes), so they do not
+depend on which other classes a request asks about. Drawing one image from a "ddpm" teacher
+costs sampler.num_inference_steps network evaluations (twice that under guidance), and every
+request of a lineage evaluates the same teacher on the same seeds (calibrate's reference,
+evaluate's base or reference): those images are drawn once per
+
+    (SHA-256 of the weight files, class, count, seed, guidance scale, sampler, device, precision)
+
+and read back after. A one-step generator draws in one evaluation and is never cached. An
+entry keeps the seconds its drawing took, so the sampling-speed gate still compares measured
+times. Entries are written under a temporary name and renamed (concurrent runs never read a
+half-written file); a corrupt entry is drawn again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from forgetflow.certificate import tree_hash, weight_hashes
+from forgetflow.config import Params
+from forgetflow.diffusion.artifact import DiffusionVersion
+from forgetflow.diffusion.sampling import draw_noise, sample_from_noise
+
+
+def class_seed(seed: int, cls: int, num_classes: int) -> int:
+    return seed * num_classes + cls
+
+
+class SampleCache:
+    def __init__(self, directory: Path, version_dir: Path, version: DiffusionVersion, params: Params,
+                 device: torch.device):
+        self.directory = Path(directory)
+        self._identity = {
+            "weights": tree_hash(weight_hashes(version_dir)),
+            "sampler": params.diffusion.sampler.num_inference_steps,
+            "device": device.type,
+            "precision": params.compute.mixed_precision if device.type == "cuda" else "fp32",
+        }
+
+    def path(self, cls: int, n: int, seed: int, guidance_scale: float) -> Path:
+        key = json.dumps({**self._identity, "class": cls, "n": n, "seed": seed, "w": guidance_scale}, sort_keys=True)
+        return self.directory / f"{hashlib.sha256(key.encode()).hexdigest()}.pt"
+
+    def get(self, path: Path) -> tuple[Tensor, float] | None:
+        try:
+            entry = torch.load(path, weights_only=True)
+            return entry["images"], float(entry["seconds"])
+        except (OSError, RuntimeError, KeyError, EOFError):  # absent, or half a file from a killed run
+            return None
+
+    def put(self, path: Path, images: Tensor, seconds: float) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({"images": images, "seconds": seconds}, tmp)
+        os.replace(tmp, path)
+
+
+def sample_classes(
+    version: DiffusionVersion,
+    version_dir: Path,
+    counts: dict[int, int],
+    *,
+    seed: int,
+    guidance_scale: float,
+    params: Params,
+    device: torch.device,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor, float]:
+    """(images, labels, seconds spent drawing them) for counts[c] samples of each class c, in
+    class order. The classes not in the cache are drawn in one batched sampler call."""
+    k = version.card.num_classes
+    cache = (SampleCache(cache_dir, version_dir, version, params, device)
+             if cache_dir is not None and version.card.kind != "one-step" else None)
+    images: dict[int, Tensor] = {}
+    seconds: dict[int, float] = {}  # per class; a batched drawing's time is shared by sample count
+    for c, n in counts.items():
+        hit = cache.get(cache.path(c, n, seed, guidance_scale)) if cache else None
+        if hit is not None:
+            images[c], seconds[c] = hit
+    if missing := [c for c in counts if c not in images]:
+        z = torch.cat([draw_noise(counts[c], version.card.image_size, class_seed(seed, c, k)) for c in missing])
+        labels = torch.cat([torch.full((counts[c],), c, dtype=torch.long) for c in missing])
+        start = time.perf_counter()
+        drawn = sample_from_noise(version, z, labels, guidance_scale=guidance_scale, params=params, device=device,
+                                  progress=progress)
+        spent = time.perf_counter() - start
+        for c, part in zip(missing, drawn.split([counts[c] for c in missing])):
+            images[c], seconds[c] = part.clone(), spent * counts[c] / len(labels)  # clone: a view would save all
+            if cache:
+                cache.put(cache.path(c, counts[c], seed, guidance_scale), part, seconds[c])
+    order = sorted(counts)
+    labels = torch.cat([torch.full((counts[c],), c, dtype=torch.long) for c in order])
+    return torch.cat([images[c] for c in order]), labels, sum(seconds[c] for c in order)
