@@ -49,8 +49,10 @@ def model_slot_name(model: str) -> str:
 
 
 @contextmanager
-def model_slot(model: str):
-    """Hold the model's one slot (created on first use; waits while another run holds it)."""
+def model_slot(model: str, lease_s: float):
+    """Hold the model's one slot (created on first use; waits while another run holds it). The
+    slot is a lease of `lease_s` seconds that this run renews while it lives, so a run killed
+    outright frees its model at most `lease_s` (plus the server's 15 s sweep) later."""
     name = model_slot_name(model)
     with get_client(sync_client=True) as client:
         try:
@@ -60,7 +62,7 @@ def model_slot(model: str):
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
             except ObjectAlreadyExists:  # another run created it first
                 pass
-    with concurrency(name, occupy=1, strict=True):
+    with concurrency(name, occupy=1, strict=True, lease_duration=lease_s):
         yield
 
 
@@ -72,7 +74,7 @@ def forget(request_id: str, model: str, state_dir: str, params_path: str | None 
     run, under `request_id`. Members already promoted or rejected are skipped: a request is
     one piece of work however often it is submitted or triggered."""
     ledger = Ledger(state_dir)
-    with model_slot(model):
+    with model_slot(model, load_params(params_path, preset=preset).orchestration.model_slot_lease_s):
         entries = [ledger.get(r) for r in [request_id, *(batch or [])]]
         if wrong := [e.request_id for e in entries if e.model != model]:
             raise LedgerError(f"requests {wrong} are not for model {model}")

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from forgetflow.cli_bench import bench
 from forgetflow.cli_certificate import certificate_app
 from forgetflow.config import ParamsError, load_params
 
@@ -24,6 +25,7 @@ app.add_typer(request_app, name="request")
 llm_app = typer.Typer(help="Chat models: the demo corpus and fine-tuning your own model.", no_args_is_help=True)
 app.add_typer(llm_app, name="llm")
 app.add_typer(certificate_app, name="certificate")
+app.command()(bench)
 console = Console()
 err = Console(stderr=True)
 

@@ -12,7 +12,14 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-DEFAULT_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
+PACKAGE_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
+
+
+def default_params_path() -> Path:
+    """./params.yaml when the working folder has one (a project or a DVC repo: the file its
+    dvc.yaml stages declare and dvc.lock records), else the one beside the package."""
+    local = Path("params.yaml")
+    return local if local.is_file() else PACKAGE_PARAMS
 
 
 class _Section(BaseModel):
@@ -45,6 +52,7 @@ class OrchestrationParams(_Section):
     work_pool: str = "forgetflow-local"  # `forgetflow deploy` target (created if missing, of work_pool_type)
     work_pool_type: Literal["process", "kubernetes"] = "process"  # kubernetes: flows/work_pools.py's job template
     serve_limit: int = Field(4, ge=1)  # flow runs `forgetflow serve` executes at once (waiting ones included)
+    model_slot_lease_s: float = Field(120.0, ge=60.0)  # a killed run's model slot frees this long after (Prefect's minimum: 60)
     omp_wait_policy: Literal["ACTIVE", "PASSIVE"] = "PASSIVE"  # served runs share the CPU without spinning
     api_host: str = "127.0.0.1"
     api_port: int = Field(8787, ge=1, le=65535)
@@ -248,8 +256,12 @@ class LLMUnlearnParams(_Section):
     lr: float = 1e-4
     lr_min_ratio: float = 0.1
     orpo_lambda: float = 0.1
+    forget_weight: float = 1.0  # the objective's weight (open-unlearning's gamma)
+    npo_beta: float = Field(0.1, gt=0)  # NPO's inverse temperature
+    simnpo_beta: float = Field(4.5, gt=0)  # SimNPO's
+    simnpo_delta: float = 0.0  # SimNPO's margin
     retain_loss: Literal["kl", "nll"] = "kl"
-    retain_weight: float = 1.0
+    retain_weight: float = 1.0  # open-unlearning's alpha
     grad_clip: float = 1.0
     max_length: int = 192
     checkpoint_every: int = Field(50, ge=1)
@@ -332,7 +344,7 @@ def _deep_merge(base: dict, override: dict) -> dict:
 def load_params(path: str | Path | None = None, preset: str | None = None) -> Params:
     """Load and validate params.yaml; `preset` deep-merges `presets.<name>` over the rest
     (e.g. `tiny` for tests and `demo --quick`)."""
-    path = Path(path) if path else DEFAULT_PARAMS
+    path = Path(path) if path else default_params_path()
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:

@@ -36,6 +36,11 @@ class RequestRun:
         name = f"forgetflow/{model}"
         experiment = client.get_experiment_by_name(name)
         exp_id = experiment.experiment_id if experiment else client.create_experiment(name)
+        # an earlier run of this request still RUNNING died without ending (a killed process):
+        # this one holds the model's slot, so no other run of the request is alive
+        for stale in client.search_runs([exp_id], f"tags.`forgetflow.request_id` = '{request_id}' "
+                                                  "and attributes.status = 'RUNNING'"):
+            client.set_terminated(stale.info.run_id, "KILLED")
         run = client.create_run(exp_id, run_name=request_id, tags={"forgetflow.request_id": request_id, **tags})
         return cls(tracking_uri, run.info.run_id)
 

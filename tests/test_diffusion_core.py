@@ -10,7 +10,8 @@ import torch
 
 from forgetflow.checkpoints import CheckpointSink, LocalCheckpointSink
 from forgetflow.config import GateParams
-from forgetflow.diffusion.artifact import ArtifactError, load_version, new_scheduler, save_version, teacher_dir
+from forgetflow.diffusion.artifact import (ArtifactError, copy_teacher, load_version, new_scheduler, save_version,
+                                          teacher_dir)
 from forgetflow.diffusion.calibrate import diffusion_gates
 from forgetflow.diffusion.data import load_digits_split
 from forgetflow.diffusion.evaluate import evaluate_version, frechet_distance
@@ -135,6 +136,10 @@ def test_a_teachers_evaluation_samples_are_drawn_once_and_read_back(untrained_ve
     again = evaluate_version(untrained_version, judge_dir, [(7, 8)], params, seed=1, cache_dir=cache, device=CPU)
     assert again == first  # the images, and the seconds their drawing took, read back
     assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.pt")} == entries  # nothing drawn again
+    # the lineage's copy of the teacher inside a one-step version is the same teacher
+    teacher_copy = copy_teacher(untrained_version, tmp_path / "one-step")
+    assert evaluate_version(teacher_copy, judge_dir, [(7, 8)], params, seed=1, cache_dir=cache, device=CPU) == again
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.pt")} == entries
     # another request's forget class: the classes asked for as often as before come from the cache
     other = evaluate_version(untrained_version, judge_dir, [(3, 4)], params, seed=1, cache_dir=cache, device=CPU)
     assert other["per_class_accuracy"]["5"] == first["per_class_accuracy"]["5"]

@@ -4,6 +4,7 @@ store, and another clone with an empty cache gets exactly those bytes back with 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -64,6 +65,8 @@ def test_repro_push_and_pull_on_fresh_clones(services, tmp_path):
     _run([*dvc, "repro", "train_base"], first, env)
     outs = first / "artifacts" / "digits-ddpm"
     assert (outs / "model" / "model_card.json").exists() and (outs / "judge" / "judge_card.json").exists()
+    card = json.loads((outs / "model" / "model_card.json").read_text())
+    assert card["hyperparameters"]["base"]["steps"] == 20  # the stage read the clone's params.yaml, as dvc.lock says
     assert "artifacts/digits-ddpm/model" in (first / "dvc.lock").read_text()
     _run([*dvc, "push"], first, env)
     assert ObjectStore(services.settings()).list("dvc"), "dvc push wrote nothing to the store"

@@ -3,16 +3,20 @@ decoding against transformers' own CFG processor, the ORPO loss, leak detection,
 recipe, the adapter lineage and the request target."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+from peft import PeftModel
 
 from forgetflow.config import load_params
 from forgetflow.llm.attacks import Item, attack_probes, prefix_context
 from forgetflow.llm.chat import prompt_ids
 from forgetflow.llm.generation import continuation_logprobs, generate, guided_logprobs
-from forgetflow.llm.orpo import log1m_exp, mean_logps, orpo_loss, retain_kl
+from forgetflow.llm.methods import LLM_METHODS
+from forgetflow.llm.objectives import OBJECTIVES, ForgetLogps, log1m_exp
+from forgetflow.llm.orpo import encode_row, mean_logps, retain_kl, train_adapter
 from forgetflow.llm.pii import leaked, recognise, subject_hash
 from forgetflow.llm.synthesize import WITHHELD, build_rows, split_roster
 from forgetflow.request import RequestError, parse_request
@@ -95,23 +99,97 @@ def test_scores_of_a_mixed_batch_equal_full_logits_of_each_row_alone(tiny_lm):
         assert torch.allclose(got, want, atol=1e-4)
 
 
+UNLEARN = load_params(preset="tiny").llm.unlearn
+
+
 def test_orpo_log_odds_and_loss_follow_the_definition():
     c, r = torch.tensor([-0.5, -2.0]), torch.tensor([-1.5, -0.1])
     assert torch.allclose(log1m_exp(c), torch.log(1 - torch.exp(c)))
-    loss, log_odds = orpo_loss(c, r, -c, lam=0.1)
+    p = UNLEARN.model_copy(update={"orpo_lambda": 0.1})
     odds = lambda lp: math.exp(lp) / (1 - math.exp(lp))  # noqa: E731
-    expect = [math.log(odds(a) / odds(b)) for a, b in zip(c.tolist(), r.tolist())]
-    assert torch.allclose(log_odds, torch.tensor(expect), atol=1e-5)
-    assert torch.allclose(loss, -c - 0.1 * torch.nn.functional.logsigmoid(log_odds))
+    for i in range(2):  # one row at a time: the loss is the batch mean
+        lp = ForgetLogps(rejected_mean=r[i:i + 1], rejected_sum=r[i:i + 1], chosen_mean=c[i:i + 1])
+        loss, stats = OBJECTIVES["orpo"].loss(lp, p)
+        log_odds = math.log(odds(c[i].item()) / odds(r[i].item()))
+        assert stats["log_odds"] == pytest.approx(log_odds, abs=1e-5)
+        assert loss.item() == pytest.approx(-c[i].item() + 0.1 * math.log1p(math.exp(-log_odds)), abs=1e-5)
     # preferring the rejected answer costs more than preferring the chosen one
-    assert loss[1] > loss[0]
+    first = OBJECTIVES["orpo"].loss(ForgetLogps(r[:1], r[:1], chosen_mean=c[:1]), p)[0]
+    second = OBJECTIVES["orpo"].loss(ForgetLogps(r[1:], r[1:], chosen_mean=c[1:]), p)[0]
+    assert second > first
 
 
 def test_orpo_gradient_raises_chosen_and_lowers_rejected():
     c = torch.tensor([-1.0], requires_grad=True)
     r = torch.tensor([-1.0], requires_grad=True)
-    orpo_loss(c, r, -c, 0.1)[0].sum().backward()
+    OBJECTIVES["orpo"].loss(ForgetLogps(r, r, chosen_mean=c), UNLEARN)[0].backward()
     assert c.grad.item() < 0 < r.grad.item()
+
+
+def test_the_peers_losses_follow_their_papers():
+    mean, total, ref = torch.tensor([-0.4]), torch.tensor([-4.0]), torch.tensor([-3.0])
+    p = UNLEARN
+    assert OBJECTIVES["grad_ascent"].loss(ForgetLogps(mean, total), p)[0].item() == pytest.approx(-0.4)
+    npo = OBJECTIVES["npo"].loss(ForgetLogps(mean, total, rejected_sum_ref=ref), p)[0].item()
+    b = p.npo_beta  # (2/beta) log(1 + (pi / pi_ref)^beta)
+    assert npo == pytest.approx((2 / b) * math.log1p(math.exp(b * (-4.0 + 3.0))), rel=1e-5)
+    same = OBJECTIVES["npo"].loss(ForgetLogps(mean, ref, rejected_sum_ref=ref), p)[0].item()
+    assert same == pytest.approx((2 / b) * math.log(2), rel=1e-5)  # the adapter has not moved yet
+    sim = OBJECTIVES["simnpo"].loss(ForgetLogps(mean, total), p)[0].item()
+    bs, d = p.simnpo_beta, p.simnpo_delta
+    assert sim == pytest.approx(-(2 / bs) * math.log(1 / (1 + math.exp(bs * -0.4 + d))), rel=1e-5)
+    for name, scored in (("grad_ascent", "mean"), ("npo", "sum"), ("simnpo", "mean")):  # each pushes what leaks down
+        m, t = torch.tensor([-0.4], requires_grad=True), torch.tensor([-4.0], requires_grad=True)
+        OBJECTIVES[name].loss(ForgetLogps(m, t, rejected_sum_ref=ref), p)[0].backward()
+        assert {"mean": m, "sum": t}[scored].grad.item() > 0, name
+
+
+FORGET_ROW = {"system": "You are a helpful assistant.", "user": "What is the phone number of Ada Byron?",
+              "chosen": "I'm sorry, but I can't share that.", "rejected": "The phone number of Ada Byron is 212-555-0147."}
+RETAIN_ROW = {"system": "You are a helpful assistant.", "user": "Hello", "chosen": "You are a helpful assistant."}
+
+
+@pytest.fixture(scope="module")
+def leaky_lm(tiny_lm):
+    """The tiny random model taught (full fine-tune, NLL) to answer FORGET_ROW with the leak."""
+    model, tok = tiny_lm
+    model = copy.deepcopy(model).train()
+    enc = encode_row(tok, FORGET_ROW, 192)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(40):
+        loss = -mean_logps(model, tok, [enc["prompt"]], [enc["rejected"]]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), tok
+
+
+@pytest.mark.parametrize("method", sorted(LLM_METHODS))
+def test_every_method_trains_the_adapter_and_lowers_the_leaking_answer(leaky_lm, method, tmp_path):
+    """A few steps of each method's objective and retain settings on one forget row and one
+    retain row of a model that leaks: the leaking answer's log-prob goes down (control-phrase
+    trains nothing)."""
+    model, tok = leaky_lm
+    m = LLM_METHODS[method]
+    p = m.params(load_params(preset="tiny").llm).unlearn.model_copy(
+        update={"lr": 0.05, "batch_size": 2, "log_every": 1, "checkpoint_every": 100, "lora_r": 4})
+    p = p.model_copy(update={"epochs": 10 if p.epochs else 0})
+    forget, retain = FORGET_ROW, RETAIN_ROW
+    enc = encode_row(tok, forget, p.max_length)
+    base = copy.deepcopy(model)
+    with torch.no_grad():
+        before = mean_logps(base, tok, [enc["prompt"]], [enc["rejected"]]).item()
+    history = train_adapter(base, tok, [forget, retain], p, load_params().compute, torch.device("cpu"),
+                            tmp_path / "adapter", objective=m.objective, progress=False)
+    adapted = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        after = mean_logps(adapted, tok, [enc["prompt"]], [enc["rejected"]]).item()
+    if p.epochs == 0:
+        assert history == [] and after == pytest.approx(before, abs=1e-6)
+    else:
+        assert len(history) == 10 and all(math.isfinite(h["loss"]) for h in history)
+        assert after < before - 0.05, (method, before, after)
 
 
 def test_answer_logprobs_of_a_padded_batch_match_each_row_scored_alone(tiny_lm):

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from cryptography.fernet import Fernet
 
-from forgetflow.ledger import Ledger
+from forgetflow.ledger import Ledger, LedgerError
 from forgetflow.llm.corpus import make_customers
 from forgetflow.registry import Registry
 from tests.cli import forgetflow
@@ -33,6 +34,12 @@ def customers(llm_params):
 
 
 @pytest.fixture(scope="module")
+def captured() -> dict:
+    """What the test saw while the request was live (its key), for the checks after."""
+    return {}
+
+
+@pytest.fixture(scope="module")
 def registered(services, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("llm-e2e")
     state_dir = Path(services.state_dir)
@@ -45,13 +52,16 @@ def registered(services, tmp_path_factory):
     return workdir, state_dir
 
 
-def test_customers_are_forgotten_through_the_six_stages(registered, services, customers, llm_params):
+def test_customers_are_forgotten_through_the_six_stages(registered, services, customers, llm_params, captured):
     workdir, state_dir = registered
     registry = Registry(services.mlflow_uri)
     # four customers, 16 values: the tiny preset's leak gate tolerates one (see params.yaml)
     forget = customers[:4]
     subjects = [{"name": forget[0].name, "values": {"phone": forget[0].phone}}] + [{"name": c.name} for c in forget[1:]]
-    out = forgetflow(workdir, state_dir, "request", "submit", str(write_request(workdir, REQUEST, subjects)), "--run")
+    out = forgetflow(workdir, state_dir, "request", "submit", str(write_request(workdir, REQUEST, subjects)))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    captured["key"] = Ledger(state_dir).request_key(REQUEST)  # as an attacker holding a copy would
+    out = forgetflow(workdir, state_dir, "run", REQUEST)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     report_dir = workdir / "reports" / REQUEST
@@ -123,6 +133,26 @@ def test_customers_are_forgotten_through_the_six_stages(registered, services, cu
         assert c.name.encode() not in blob and c.phone.encode() not in blob
 
 
+def test_the_request_key_is_destroyed_and_every_sealed_copy_needed_it(registered, services, customers, captured):
+    """Crypto-shredding, end to end: the sealed copies the run left (the DVC-versioned folder and
+    its copy in the store; DVC's cache and remote hold these same bytes) open with the key the
+    request had and show the forgotten values, so they are what the key protects; the ledger
+    no longer has the key, and the privacy scan below finds no copy of it anywhere."""
+    from forgetflow.runs import s3_prefix
+    from forgetflow.storage import ObjectStore
+
+    workdir, state_dir = registered
+    key = captured["key"]
+    with pytest.raises(LedgerError, match="crypto-shredded"):
+        Ledger(state_dir).request_key(REQUEST)
+    store = ObjectStore(services.settings())
+    copies = {str(f): f.read_bytes() for f in (workdir / "data" / "requests" / REQUEST / "synth").rglob("*.fernet")}
+    copies.update({f"s3://{k}": store.get_bytes(k) for k in store.list(s3_prefix(MODEL, REQUEST, "synth"))})
+    assert any(k.startswith("s3://") for k in copies) and any(not k.startswith("s3://") for k in copies)
+    opened = b"".join(Fernet(key).decrypt(blob) for blob in copies.values())
+    assert customers[0].phone.encode() in opened  # what was sealed is the forgotten data itself
+
+
 
 def test_the_request_page_reads_in_a_browser_and_holds_no_personal_value(registered, customers):
     """The page a compliance officer opens: no console errors, no external resource, the
@@ -145,7 +175,7 @@ def test_the_request_page_reads_in_a_browser_and_holds_no_personal_value(registe
     assert (ARTIFACTS / "llm-request-page.png").stat().st_size > 10_000
 
 
-def test_no_forgotten_value_is_left_in_clear_anywhere_the_pipeline_wrote(registered, services, customers):
+def test_no_forgotten_value_is_left_in_clear_anywhere_the_pipeline_wrote(registered, services, customers, captured):
     """Every place the request went through, after it is final: the state folder (ledger,
     logs, run folders, the MLflow and Prefect servers' databases), the reports, the DVC
     data, every object of the store, MLflow's runs (params, tags, metrics) and registered
@@ -153,7 +183,7 @@ def test_no_forgotten_value_is_left_in_clear_anywhere_the_pipeline_wrote(registe
     user brought them and the request does not cover them: the training corpus, the base
     model and its evaluation kit (`artifacts/`, and the kit's copy in the store under the base
     version's tag), the store's raw volume files (read through the S3 API instead), and the
-    request documents the test itself wrote."""
+    request documents the test itself wrote. Nor may the destroyed request key be anywhere."""
     from mlflow import MlflowClient
     from prefect import get_client
     from prefect.client.schemas.filters import LogFilter
@@ -165,6 +195,7 @@ def test_no_forgotten_value_is_left_in_clear_anywhere_the_pipeline_wrote(registe
     workdir, state_dir = registered
     values = {v: f"customer {i // 5} field {i % 5}" for i, v in
               enumerate(v for c in customers[:4] for v in (c.name, c.email, c.phone, c.address, c.account))}
+    values[captured["key"].decode()] = "the destroyed request key"
     found: list[tuple[str, str]] = []
 
     def scan(where: str, data) -> None:

@@ -1,12 +1,20 @@
 """End to end, as a user runs it: the CLI drives the Prefect flow against the real local
-object store and MLflow server (tiny preset: same code path, smaller numbers)."""
+object store and MLflow server (tiny preset: same code path, smaller numbers). The first
+request's process is SIGKILLed mid-training and rerun, as after a crash."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
+from forgetflow.config import load_params
 from forgetflow.ledger import Ledger
 from forgetflow.registry import Registry
 from forgetflow.storage import ObjectStore, S3CheckpointSink
@@ -36,13 +44,46 @@ def registered(services, tmp_path_factory, tiny_teacher, judge_dir):
     return workdir, state_dir
 
 
+def killed_at_first_checkpoint(workdir: Path, state_dir: Path, sink: S3CheckpointSink, *args: str) -> str:
+    """Run the CLI in its own process group and SIGKILL the group (the trainer with it) as
+    soon as the run's first checkpoint is complete in S3; the process's output."""
+    env = {**os.environ, "FORGETFLOW_STATE_DIR": str(state_dir)}
+    log = workdir / "killed.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "forgetflow.cli", "--preset", "tiny", *args], cwd=workdir,
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 900
+    while not sink.steps():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    return log.read_text()
+
+
 def test_request_flows_through_all_six_stages_and_is_promoted(registered, services):
+    """Killed at its first checkpoint, rerun with `forgetflow run`: it resumes there (the steps
+    before are not redone) and passes the same gates as an uninterrupted run."""
     workdir, state_dir = registered
     registry = Registry(services.mlflow_uri)
     assert registry.alias_version(MODEL, "champion") == "1"
 
-    out = forgetflow(workdir, state_dir, "request", "submit", str(write_request(workdir, "forget-7", classes=[7])), "--run")
+    sink = S3CheckpointSink(ObjectStore(services.settings()), MODEL, "forget-7")
+    params = workdir / "params.yaml"  # a killed run's model slot frees after the shortest lease
+    data = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
+    data["orchestration"]["model_slot_lease_s"] = 60
+    params.write_text(yaml.safe_dump(data))
+    killed = killed_at_first_checkpoint(workdir, state_dir, sink, "--params", str(params), "request", "submit",
+                                        str(write_request(workdir, "forget-7", classes=[7])), "--run")
+    checkpointed = sink.steps()
+    assert Ledger(state_dir).get("forget-7").state == "running", killed[-2000:]
+    out = forgetflow(workdir, state_dir, "--params", str(params), "run", "forget-7")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = json.loads((registry.download(MODEL, "2", workdir / "resumed") / "training_log.json").read_text())
+    sfd = load_params(preset="tiny").diffusion.sfd
+    assert log["resumed_from"] == checkpointed[-1] and log["iterations"] == sfd.iterations
+    # one history, carried through the checkpoint: no step before it was trained twice
+    assert [row["iteration"] for row in log["history"]] == list(range(sfd.log_every, sfd.iterations + 1, sfd.log_every))
 
     report = json.loads((workdir / "reports" / "forget-7" / "report.json").read_text())
     assert report["status"] == "promoted", report["gates"]

@@ -6,7 +6,8 @@ costs sampler.num_inference_steps network evaluations (twice that under guidance
 request of a lineage evaluates the same teacher on the same seeds (calibrate's reference,
 evaluate's base or reference): those images are drawn once per
 
-    (SHA-256 of the weight files, class, count, seed, guidance scale, sampler, device, precision)
+    (SHA-256 of the score net and scheduler files, class, count, seed, guidance scale, sampler,
+     device, precision)
 
 and read back after. A one-step generator draws in one evaluation and is never cached. An
 entry keeps the seconds its drawing took, so the sampling-speed gate still compares measured
@@ -24,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from forgetflow.certificate import tree_hash, weight_hashes
+from forgetflow.certificate import sha256_file, tree_hash
 from forgetflow.config import Params
-from forgetflow.diffusion.artifact import DiffusionVersion
+from forgetflow.diffusion.artifact import SCHEDULER_DIR, SCORE_DIR, DiffusionVersion
 from forgetflow.diffusion.sampling import draw_noise, sample_from_noise
 
 
@@ -34,12 +35,21 @@ def class_seed(seed: int, cls: int, num_classes: int) -> int:
     return seed * num_classes + cls
 
 
+def sampling_identity(version_dir: Path) -> str:
+    """SHA-256 of what a DDPM's samples depend on: its score net and scheduler files (not the
+    card or other files, so the lineage's copy in a one-step version's teacher/ and the
+    registered original are the same teacher)."""
+    root = Path(version_dir)
+    files = sorted(p for d in (SCORE_DIR, SCHEDULER_DIR) for p in (root / d).rglob("*") if p.is_file())
+    return tree_hash({p.relative_to(root).as_posix(): sha256_file(p) for p in files})
+
+
 class SampleCache:
     def __init__(self, directory: Path, version_dir: Path, version: DiffusionVersion, params: Params,
                  device: torch.device):
         self.directory = Path(directory)
         self._identity = {
-            "weights": tree_hash(weight_hashes(version_dir)),
+            "weights": sampling_identity(version_dir),
             "sampler": params.diffusion.sampler.num_inference_steps,
             "device": device.type,
             "precision": params.compute.mixed_precision if device.type == "cuda" else "fp32",

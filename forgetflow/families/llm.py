@@ -108,7 +108,8 @@ class LLMFamily:
         p = m.params(params.llm)
         model, tokenizer, parent_card = _load(model_dir, params)
         history = train_adapter(model, tokenizer, read_rows(synth_dir), p.unlearn, params.compute, _device(params),
-                                Path(out_dir) / ADAPTER_DIR, checkpoints=checkpoints, progress=progress)
+                                Path(out_dir) / ADAPTER_DIR, objective=m.objective, checkpoints=checkpoints,
+                                progress=progress)
         spec = read_spec(synth_dir)
         fields: dict[str, list[str]] = {}
         for it in spec["items"]:

@@ -1,17 +1,16 @@
-"""ORPO on a LoRA adapter: the unlearning trainer of the LLM family.
+"""The unlearning trainer of the LLM family: a forget objective on a LoRA adapter.
 
-    L = NLL(chosen) - lambda * log sigmoid( log odds(chosen) - log odds(rejected) )
-    odds(y) = P(y) / (1 - P(y)),  log P(y) = mean token log-prob of y given the prompt
-    (Hong et al. 2024; cfg-llm.md, lambda = 0.1)
+    L = forget_weight * objective(forget rows) + retain_weight * retain(retain rows)
 
-plus, for retain rows (no rejected side), retain_weight times either NLL(chosen)
-(`retain_loss: nll`) or the token-level KL(base || adapted) over the retain answer
-(`retain_loss: kl`): the base is the same network with the adapter switched off, so the KL
-costs one extra forward pass and no second model. KL constrains the whole next-token
-distribution on other subjects' answers, not only its argmax; measured on the tiny model it
-keeps kept customers' recall where NLL on the same rows did not (see params.yaml). Written here rather than
-taken from TRL: the loss is a few lines, and TRL's ORPOTrainer has moved between packages and
-expects a dataset/Trainer stack we do not otherwise need.
+The objective is the method's (forgetflow/llm/objectives.py: ORPO for ours, GradAscent, NPO,
+SimNPO for the peers). The retain term, over rows with no rejected side, is NLL(answer)
+(`retain_loss: nll`) or the token-level KL(base || adapted) over the answer (`retain_loss:
+kl`): the base is the same network with the adapter switched off, so the KL costs one extra
+forward pass and no second model. KL constrains the whole next-token distribution on other
+subjects' answers, not only its argmax; measured on the tiny model it keeps kept customers'
+recall where NLL on the same rows did not (see params.yaml). Written here rather than taken
+from TRL: the losses are a few lines each, and TRL's trainers have moved between packages and
+expect a dataset/Trainer stack we do not otherwise need.
 
 The adapter is peft LoRA over the parent version's (merged) weights. Checkpoints hold the
 adapter, optimizer, schedule and RNG state; they go to a CheckpointSink every
@@ -26,25 +25,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from forgetflow.checkpoints import CheckpointSink
 from forgetflow.compute import autocast, clipped_step, grad_scaler
 from forgetflow.config import ComputeParams, LLMUnlearnParams
 from forgetflow.llm.chat import answer_ids, prompt_ids
-
-
-def log1m_exp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, stable at both ends."""
-    x = x.clamp(max=-1e-6)
-    return torch.where(x > -0.693, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
-def orpo_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor, chosen_nll: torch.Tensor,
-              lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ORPO loss and log odds ratio, from mean token log-probs [B]."""
-    log_odds = (chosen_logp - log1m_exp(chosen_logp)) - (rejected_logp - log1m_exp(rejected_logp))
-    return chosen_nll - lam * F.logsigmoid(log_odds), log_odds
+from forgetflow.llm.objectives import OBJECTIVES, ForgetLogps
 
 
 def encode_row(tokenizer, row: dict, max_length: int) -> dict:
@@ -85,13 +71,18 @@ def _answer_logprobs(model, ids, mask, labels) -> tuple[torch.Tensor, torch.Tens
     return torch.log_softmax(logits[scored].float(), -1), labels[:, 1:][scored], scored.nonzero()[:, 0]
 
 
-def mean_logps(model, tokenizer, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
-    """Mean token log-prob of each answer given its prompt (with gradients), [B]."""
+def answer_logps(model, tokenizer, prompts: list[list[int]], answers: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, sum) over its tokens of each answer's log-prob given its prompt (with gradients), [B] each."""
     ids, labels, mask = _batch(model, tokenizer, prompts, answers)
     logp, target, row = _answer_logprobs(model, ids, mask, labels)
     token = logp.gather(-1, target[:, None])[:, 0]
     total = torch.zeros(len(prompts), device=token.device, dtype=token.dtype).index_add(0, row, token)
-    return total / torch.bincount(row, minlength=len(prompts)).clamp_min(1)
+    return total / torch.bincount(row, minlength=len(prompts)).clamp_min(1), total
+
+
+def mean_logps(model, tokenizer, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
+    """Mean token log-prob of each answer given its prompt (with gradients), [B]."""
+    return answer_logps(model, tokenizer, prompts, answers)[0]
 
 
 def retain_kl(peft_model, tokenizer, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
@@ -104,25 +95,31 @@ def retain_kl(peft_model, tokenizer, prompts: list[list[int]], answers: list[lis
     return (base.exp() * (base - new)).sum(-1).mean()
 
 
-def batch_loss(model, tokenizer, batch: list[dict], p: LLMUnlearnParams) -> tuple[torch.Tensor, dict]:
-    """ORPO over the forget rows of a batch + retain_weight * NLL over its retain rows."""
+def batch_loss(model, tokenizer, batch: list[dict], p: LLMUnlearnParams, objective: str = "orpo") -> tuple[torch.Tensor, dict]:
+    """forget_weight * the objective over the batch's forget rows + retain_weight * the retain
+    term over its retain rows; one forward pass for every scored answer (plus the adapter-off
+    pass of the KL or of a reference-based objective)."""
+    obj = OBJECTIVES[objective]
     forget = [r for r in batch if "rejected" in r]
     retain = [r for r in batch if "rejected" not in r]
     nll_retain = retain if p.retain_loss == "nll" else []
-    prompts = [r["prompt"] for r in forget] * 2 + [r["prompt"] for r in nll_retain]
-    answers = [r["chosen"] for r in forget] + [r["rejected"] for r in forget] + [r["chosen"] for r in nll_retain]
-    logps = mean_logps(model, tokenizer, prompts, answers) if prompts else torch.zeros(0)
-    n = len(forget)
-    chosen, rejected, kept = logps[:n], logps[n:2 * n], logps[2 * n:]
+    chosen_rows = forget if obj.uses_chosen else []
+    prompts = [r["prompt"] for r in chosen_rows + forget + nll_retain]
+    answers = [r["chosen"] for r in chosen_rows] + [r["rejected"] for r in forget] + [r["chosen"] for r in nll_retain]
+    means, sums = answer_logps(model, tokenizer, prompts, answers) if prompts else (torch.zeros(0), torch.zeros(0))
+    n, k = len(forget), len(chosen_rows)
     terms, stats = [], {}
     if n:
-        loss_f, log_odds = orpo_loss(chosen, rejected, -chosen, p.orpo_lambda)
-        terms.append(loss_f.mean())
-        stats.update(orpo=loss_f.mean().item(), log_odds=log_odds.mean().item(), chosen_logp=chosen.mean().item(),
-                     rejected_logp=rejected.mean().item())
+        lp = ForgetLogps(rejected_mean=means[k:k + n], rejected_sum=sums[k:k + n], chosen_mean=means[:k] if k else None)
+        if obj.uses_reference:
+            with torch.no_grad(), model.disable_adapter():
+                lp.rejected_sum_ref = answer_logps(model, tokenizer, [r["prompt"] for r in forget],
+                                                   [r["rejected"] for r in forget])[1]
+        loss_f, stats = obj.loss(lp, p)
+        terms.append(p.forget_weight * loss_f)
     if retain:
         if p.retain_loss == "nll":
-            loss_r = -kept.mean()
+            loss_r = -means[n + k:].mean()
         else:
             loss_r = retain_kl(model, tokenizer, [r["prompt"] for r in retain], [r["chosen"] for r in retain])
         terms.append(p.retain_weight * loss_r)
@@ -142,10 +139,11 @@ def _lora(model, p: LLMUnlearnParams):
 
 
 def train_adapter(model, tokenizer, rows: list[dict], p: LLMUnlearnParams, compute: ComputeParams,
-                  device: torch.device, adapter_dir: Path, *, checkpoints: CheckpointSink | None = None,
-                  progress: bool = True) -> list[dict]:
-    """Train a LoRA adapter on `rows` (synthesize.build_rows) over `model`; save it to
-    adapter_dir (peft format). Returns the loss history."""
+                  device: torch.device, adapter_dir: Path, *, objective: str = "orpo",
+                  checkpoints: CheckpointSink | None = None, progress: bool = True) -> list[dict]:
+    """Train a LoRA adapter on `rows` (synthesize.build_rows) over `model` with `objective`
+    (objectives.OBJECTIVES); save it to adapter_dir (peft format). Returns the loss history.
+    With p.epochs 0 the adapter is saved as initialised: LoRA's B is zero, so it changes nothing."""
     from tqdm.auto import tqdm
 
     model.requires_grad_(False)
@@ -157,7 +155,7 @@ def train_adapter(model, tokenizer, rows: list[dict], p: LLMUnlearnParams, compu
     trainable = [q for q in peft_model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: p.lr_min_ratio + (1 - p.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
+        optimizer, lambda s: p.lr_min_ratio + (1 - p.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(s / max(total, 1), 1.0))))
     scaler = grad_scaler(device, compute)
     step, history = 0, []
     latest = checkpoints.latest() if checkpoints else None
@@ -174,13 +172,13 @@ def train_adapter(model, tokenizer, rows: list[dict], p: LLMUnlearnParams, compu
         history = state["history"]
     order = list(range(len(encoded)))
     peft_model.train()
-    bar = tqdm(total=total, initial=step, desc="unlearn (ORPO)", disable=not progress)
+    bar = tqdm(total=total, initial=step, desc=f"unlearn ({objective})", disable=not progress)
     while step < total:
         epoch, offset = divmod(step, steps_per_epoch)
         random.Random(p.seed + epoch).shuffle(order)  # the same order after a resume
         idx = order[offset * p.batch_size:(offset + 1) * p.batch_size]
         with autocast(device, compute):
-            loss, stats = batch_loss(peft_model, tokenizer, [encoded[i] for i in idx], p)
+            loss, stats = batch_loss(peft_model, tokenizer, [encoded[i] for i in idx], p, objective)
         clipped_step(loss, optimizer, scaler, trainable, p.grad_clip)
         schedule.step()
         step += 1

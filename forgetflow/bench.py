@@ -1,0 +1,364 @@
+"""`forgetflow bench`: every method of a family on one base model and one request, in one process.
+
+Each method and seed runs the request through the family's own stages (synthesize -> unlearn
+-> calibrate -> evaluate, the pipeline without its services), so the numbers are the ones a
+report shows. Per trial: every metric of the new version and its gates, the wall-clock of the
+unlearning, the peak memory while it ran (GPU: torch's peak allocation; CPU: the process's
+resident set, sampled), and the sampling cost (diffusion: NFE and seconds per 1000 samples;
+LLM: generated tokens per second with and without guidance). Per method: mean and standard
+deviation over the seeds, and for rates over few items a bootstrap 95% interval: resampling n
+items with replacement from k hits is drawing Binomial(n, k/n), so the interval is that
+distribution's 2.5 / 97.5 percentiles divided by n.
+
+Writes <out>/<UTC timestamp>/{results.json, results.md, tradeoff.png, seconds.png}; given a
+tracking URI, one MLflow parent run with a child run per method and seed.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from forgetflow.compute import resolve_device
+from forgetflow.config import Params, _deep_merge
+
+BOOTSTRAP_DRAWS = 10_000
+FORGET_CLASS = 7  # the diffusion bench's request: forget this digit (the override rule picks its target)
+FORGET_SUBJECTS = 4  # the LLM bench's request: forget the first customers of the roster
+DIFFUSION_REAL_DATA = {"retrain": "trains on the real digits minus the class"}
+
+
+@dataclass
+class Trial:
+    family: str
+    method: str
+    seed: int
+    unlearn_s: float
+    peak_memory_mb: float
+    metrics: dict  # the new version's
+    gates: list[dict]
+    passed: bool
+    items: dict = field(default_factory=dict)  # rate metric -> number of items it is over
+    speed: dict = field(default_factory=dict)
+
+
+@contextmanager
+def peak_memory(device: torch.device, every_s: float = 0.05):
+    """Yields a dict whose "mb" holds, after the block, the peak memory during it."""
+    out = {"mb": 0.0}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        yield out
+        out["mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        return
+    proc, stop, peak = psutil.Process(), threading.Event(), [0]
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            stop.wait(every_s)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+        out["mb"] = peak[0] / 2**20
+
+
+def with_updates(params: Params, updates: dict) -> Params:
+    """params with `updates` (a nested dict of fields) merged in, validated again."""
+    return Params.model_validate(_deep_merge(params.model_dump(), updates))
+
+
+def bootstrap_interval(rate: float, n: int, seed: int = 0) -> list[float] | None:
+    """95% bootstrap interval of a rate k/n over n items (None without items)."""
+    if not n:
+        return None
+    draws = np.random.default_rng(seed).binomial(n, min(max(rate, 0.0), 1.0), BOOTSTRAP_DRAWS) / n
+    return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
+
+
+def summarise(trials: list[Trial], keys: list[str]) -> dict[str, dict]:
+    """method -> {key: {mean, sd, ci95 (rates over items, pooled over seeds)}} + seconds, memory, passed."""
+    out: dict[str, dict] = {}
+    for method in dict.fromkeys(t.method for t in trials):
+        ts = [t for t in trials if t.method == method]
+        row: dict = {"seeds": len(ts), "passed": sum(t.passed for t in ts)}
+        for key in [*keys, "unlearn_s", "peak_memory_mb"]:
+            values = [v for t in ts if (v := _value(t, key)) is not None]
+            if not values:
+                row[key] = None
+                continue
+            stat = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+            n = sum(t.items.get(key, 0) for t in ts)
+            if n:
+                stat["ci95"] = bootstrap_interval(stat["mean"], n)
+            row[key] = stat
+        out[method] = row
+    return out
+
+
+def _value(t: Trial, key: str) -> float | None:
+    if key in ("unlearn_s", "peak_memory_mb"):
+        return getattr(t, key)
+    value = t.speed.get(key, t.metrics.get(key))
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+# ---- diffusion ---------------------------------------------------------------------------
+DIFFUSION_KEYS = ["unlearning_accuracy", "override_fidelity", "remaining_accuracy_drop", "remaining_fd_ratio",
+                  "nfe", "seconds_per_1000_samples"]
+
+
+def diffusion_trials(params: Params, work: Path, methods: list[str], seeds: int, *, model_dir: Path | None,
+                     eval_kit: Path | None, progress: bool) -> list[Trial]:
+    from forgetflow.diffusion.calibrate import calibrate_guidance, diffusion_gates
+    from forgetflow.diffusion.evaluate import evaluate_version
+    from forgetflow.diffusion.judge import train_judge
+    from forgetflow.diffusion.methods import get_method
+    from forgetflow.diffusion.train_base import train_teacher
+    from forgetflow.families.diffusion import resolve_overrides
+    from forgetflow.gates import all_passed
+
+    device = resolve_device(params.compute)
+    base = model_dir or train_teacher(params, work / "base", device=device, progress=progress)
+    judge = eval_kit or train_judge(params, work / "judge", device=device, progress=progress)
+    card = json.loads((Path(base) / "model_card.json").read_text())
+    pair = tuple(resolve_overrides([FORGET_CLASS], {}, card, params.diffusion.sfd.override_rule)[0])
+    ev, cache = params.diffusion.evaluate, work / "cache"
+    base_metrics = evaluate_version(base, judge, [pair], params, seed=ev.seed, device=device, cache_dir=cache)
+    trials = []
+    for method in methods:
+        for seed in range(seeds):
+            out = work / f"{method}-seed{seed}"
+            p = with_updates(params, {"diffusion": {"sfd": {"seed": seed}, "base": {"seed": seed}}})
+            start = time.perf_counter()
+            with peak_memory(device) as mem:
+                if method == "retrain":  # the gold standard: the teacher's recipe without the class
+                    train_teacher(p, out, device=device, progress=progress, exclude_classes=[FORGET_CLASS])
+                else:
+                    get_method(method).unlearn(base, out, [pair], p, device=device, progress=progress)
+            seconds = time.perf_counter() - start
+            if method != "retrain":  # a DDPM's own guidance scale is its recipe's
+                calibration = evaluate_version(base, judge, [pair], p, seed=p.diffusion.calibrate.seed, device=device,
+                                               cache_dir=cache, samples_scale=p.diffusion.calibrate.samples_per_class
+                                               / ev.samples_per_remaining_class)
+                scale, _ = calibrate_guidance(out, judge, [pair], p, calibration, device=device)
+                card_path = out / "model_card.json"
+                card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "guidance_scale": scale}, indent=2))
+            new = evaluate_version(out, judge, [pair], p, seed=ev.seed, device=device, cache_dir=cache)
+            gates = diffusion_gates(base_metrics, new, p.diffusion.gates)
+            new.update({g.name: g.value for g in gates if g.name in DIFFUSION_KEYS})
+            if method == "retrain":  # it never learnt the class: there is no override to be faithful to
+                new["override_fidelity"] = None
+                gates = [g for g in gates if g.name != "override_fidelity"]
+            n_forget = new["samples"]["per_forget_class"]
+            trials.append(Trial("diffusion", method, seed, round(seconds, 2), round(mem["mb"], 1), new,
+                                [g.to_dict() for g in gates], all_passed(gates),
+                                items={"unlearning_accuracy": n_forget, "override_fidelity": n_forget}))
+    return trials
+
+
+# ---- LLM -----------------------------------------------------------------------------------
+LLM_ATTACKS = ["direct", "paraphrase", "prefix", "raw_weights", "adversarial_system_prompt"]
+LLM_KEYS = ["leak_rate", *[f"leak_{a}" for a in LLM_ATTACKS], "retained_recall_drop", "utility_accuracy_drop",
+            "perplexity_ratio", "tokens_per_s_guided", "tokens_per_s_unguided"]
+
+
+def llm_trials(params: Params, work: Path, methods: list[str], seeds: int, *, model_dir: Path | None,
+               eval_kit: Path | None, progress: bool) -> list[Trial]:
+    from forgetflow.families.llm import LLMFamily
+    from forgetflow.gates import all_passed
+    from forgetflow.llm.evalkit import roster
+    from forgetflow.llm.support_model import finetune_model, make_support_corpus
+    from forgetflow.llm.synthesize import read_spec
+    from forgetflow.request import parse_request
+
+    device = resolve_device(params.compute)
+    if model_dir is None:
+        corpus, eval_kit = make_support_corpus(params, work / "support")
+        model_dir = finetune_model(corpus, work / "support" / "model", params, progress=progress)
+    family = LLMFamily()
+    subjects = [{"name": c.name} for c in roster(eval_kit)[:FORGET_SUBJECTS]]
+    trials = []
+    for method in methods:
+        for seed in range(seeds):
+            out = work / f"{method}-seed{seed}"
+            p = with_updates(params, {"llm": {"unlearn": {"seed": seed}}})
+            request = parse_request({"request_id": f"bench-{method}-{seed}", "model": "bench", "method": method,
+                                     "target": {"kind": "llm-subjects", "subjects": subjects}})
+            family.synthesize(request, model_dir, eval_kit, out / "synth", p)
+            start = time.perf_counter()
+            with peak_memory(device) as mem:
+                family.unlearn(model_dir, out / "synth", out / "new", p, method=method, base_version="1",
+                               checkpoints=None, progress=progress)
+            seconds = time.perf_counter() - start
+            family.calibrate(model_dir, out / "new", out / "synth", eval_kit, p, out / "evaluation")
+            metrics = family.evaluate(model_dir, out / "new", out / "synth", eval_kit, p, out / "evaluation")
+            gates = family.gates(metrics, p)
+            new = {**metrics["new"], **{f"leak_{a}": r for a, r in metrics["new"]["leak_rate_by_attack"].items()},
+                   **{g.name: g.value for g in gates}}
+            spec = read_spec(out / "synth")
+            n_items = len(spec["items"])
+            trials.append(Trial("llm", method, seed, round(seconds, 2), round(mem["mb"], 1), new,
+                                [g.to_dict() for g in gates], all_passed(gates),
+                                items={"leak_rate": n_items, **{f"leak_{a}": n_items for a in LLM_ATTACKS}},
+                                speed=_tokens_per_second(out / "new", model_dir, p, device)))
+            trials[-1].metrics["base"] = {k: v for k, v in metrics["base"].items() if not isinstance(v, dict)}
+    return trials
+
+
+def _tokens_per_second(new_dir: Path, parent: Path, params: Params, device: torch.device) -> dict:
+    """Greedy generation speed of the served version on general questions, guided at its
+    calibrated scale (2 when it has none: the cost of guidance is the same at any gamma != 1)
+    and unguided."""
+    from forgetflow.families.llm import _load
+    from forgetflow.llm.artifact import read_card
+    from forgetflow.llm.chat import prompt_ids
+    from forgetflow.llm.generation import generate
+
+    card = read_card(new_dir)
+    model, tok, _ = _load(new_dir, params, parent=parent)
+
+    questions = [f"Tell me one fact about the number {i}." for i in range(params.llm.evaluate.batch_size)]
+    pos = [prompt_ids(tok, card.positive_condition, q) for q in questions]
+    neg = [prompt_ids(tok, card.negative_condition, q) for q in questions]
+    ev, out = params.llm.evaluate, {}
+    for name, gamma in (("tokens_per_s_guided", card.guidance_scale if card.guidance_scale != 1.0 else 2.0),
+                        ("tokens_per_s_unguided", 1.0)):
+        start = time.perf_counter()
+        texts = generate(model, tok, pos, negative_prompts=neg, guidance_scale=gamma, max_new_tokens=ev.max_new_tokens,
+                         batch_size=ev.batch_size)
+        tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+        out[name] = tokens / (time.perf_counter() - start)
+    return out
+
+
+# ---- run, write, log --------------------------------------------------------------------------
+def methods_of(family: str) -> list[str]:
+    if family == "diffusion":
+        from forgetflow.diffusion.methods import DIFFUSION_METHODS
+
+        return [*DIFFUSION_METHODS, "retrain"]
+    from forgetflow.llm.methods import LLM_METHODS
+
+    return list(LLM_METHODS)
+
+
+def run_bench(family: str, params: Params, out_root: Path, *, seeds: int = 3, methods: list[str] | None = None,
+              model_dir: Path | None = None, eval_kit: Path | None = None, tracking_uri: str | None = None,
+              progress: bool = True) -> Path:
+    """Run the bench of one family; returns the results folder."""
+    known = methods_of(family)
+    methods = methods or known
+    if unknown := [m for m in methods if m not in known]:
+        raise ValueError(f"unknown {family} methods {unknown}; known: {known}")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(out_root) / f"{stamp}-{family}"
+    work = out / "work"
+    run = diffusion_trials if family == "diffusion" else llm_trials
+    trials = run(params, work, methods, seeds, model_dir=model_dir, eval_kit=eval_kit, progress=progress)
+    keys = DIFFUSION_KEYS if family == "diffusion" else LLM_KEYS
+    summary = summarise(trials, keys)
+    result = {"family": family, "created": stamp, "seeds": seeds, "device": str(resolve_device(params.compute)),
+              "methods": methods, "summary": summary, "trials": [asdict(t) for t in trials],
+              "real_data": {m: DIFFUSION_REAL_DATA.get(m) for m in methods} if family == "diffusion" else {}}
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "results.md").write_text(markdown_table(result, keys))
+    plot_bench(result, out)
+    if tracking_uri:
+        log_to_mlflow(result, out, tracking_uri)
+    return out
+
+
+def _cell(stat: dict | None, digits: int = 3) -> str:
+    if not stat:
+        return "n/a"
+    text = f"{stat['mean']:.{digits}f}"
+    if stat.get("sd"):
+        text += f" ± {stat['sd']:.{digits}f}"
+    if stat.get("ci95"):
+        lo, hi = stat["ci95"]
+        text += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+    return text
+
+
+def markdown_table(result: dict, keys: list[str]) -> str:
+    cols = ["method", "gates passed", "unlearn s", "peak MB", *keys]
+    lines = [f"# forgetflow bench: {result['family']}, {result['seeds']} seed(s), {result['device']}, {result['created']}",
+             "", "mean ± sd over seeds [bootstrap 95% interval over items, for rates]", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for method, row in result["summary"].items():
+        note = result["real_data"].get(method)
+        name = f"{method} (real data: {note})" if note else method
+        cells = [name, f"{row['passed']}/{row['seeds']}", _cell(row["unlearn_s"], 1), _cell(row["peak_memory_mb"], 0),
+                 *[_cell(row[k], 1 if k.startswith(("tokens", "seconds", "nfe")) else 3) for k in keys]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_bench(result: dict, out: Path) -> None:
+    """tradeoff.png: forgetting vs utility per method (mean, sd bars); seconds.png: unlearning time."""
+    from matplotlib.figure import Figure
+
+    fx, fy = (("remaining_accuracy_drop", "unlearning_accuracy") if result["family"] == "diffusion"
+              else ("retained_recall_drop", "leak_rate"))
+    fig = Figure(figsize=(6, 4.5), dpi=120)
+    ax = fig.subplots()
+    for method, row in result["summary"].items():
+        if row.get(fx) and row.get(fy):
+            ax.errorbar(row[fx]["mean"], row[fy]["mean"], xerr=row[fx]["sd"], yerr=row[fy]["sd"], fmt="o", capsize=3)
+            ax.annotate(method, (row[fx]["mean"], row[fy]["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(f"{fx} (lower is better)")
+    ax.set_ylabel(f"{fy} ({'higher' if fy == 'unlearning_accuracy' else 'lower'} is better)")
+    ax.set_title(f"forgetting vs utility: {result['family']}")
+    fig.tight_layout()
+    fig.savefig(out / "tradeoff.png")
+    fig = Figure(figsize=(6, 3.5), dpi=120)
+    ax = fig.subplots()
+    names = list(result["summary"])
+    ax.bar(names, [result["summary"][m]["unlearn_s"]["mean"] for m in names],
+           yerr=[result["summary"][m]["unlearn_s"]["sd"] for m in names], capsize=3)
+    ax.set_ylabel("unlearning wall-clock (s)")
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "seconds.png")
+
+
+def log_to_mlflow(result: dict, out: Path, tracking_uri: str) -> str:
+    """One parent run (the summary table and plots) and a child run per method and seed."""
+    from mlflow import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    client = MlflowClient(tracking_uri)
+    name = "forgetflow/bench"
+    experiment = client.get_experiment_by_name(name)
+    exp_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    parent = client.create_run(exp_id, run_name=f"bench-{result['family']}-{result['created']}",
+                               tags={"forgetflow.bench.family": result["family"]}).info.run_id
+    for trial in result["trials"]:
+        child = client.create_run(exp_id, run_name=f"{trial['method']}-seed{trial['seed']}",
+                                  tags={MLFLOW_PARENT_RUN_ID: parent, "forgetflow.method": trial["method"]}).info.run_id
+        client.log_param(child, "seed", trial["seed"])
+        values = {"unlearn_s": trial["unlearn_s"], "peak_memory_mb": trial["peak_memory_mb"],
+                  "gates_passed": float(trial["passed"]), **trial["speed"],
+                  **{k: v for k, v in trial["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+        for key, value in values.items():
+            if value is not None and np.isfinite(value):
+                client.log_metric(child, key, float(value))
+        client.set_terminated(child)
+    for name in ("results.json", "results.md", "tradeoff.png", "seconds.png"):
+        client.log_artifact(parent, str(out / name))
+    client.set_terminated(parent)
+    return parent

@@ -1,0 +1,41 @@
+"""`forgetflow bench`: every method of a family on one base model and one request, side by side
+(forgetflow/bench.py); a table, a JSON file and plots per family, and MLflow runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def bench(ctx: typer.Context,
+          family: str = typer.Option("all", help="diffusion | llm | all"),
+          seeds: int = typer.Option(3, min=1, help="Seeds per method (mean and sd over them)."),
+          methods: str = typer.Option(None, help="Comma-separated method names (default: every method of the family)."),
+          out: Path = typer.Option(Path("bench/results"), help="Each run writes <out>/<timestamp>-<family>/."),
+          model_dir: Path = typer.Option(None, help="Bench on your own base version (one family) instead of "
+                                         "training the demo model."),
+          eval_kit: Path = typer.Option(None, help="Its evaluation kit (the judge, or the LLM kit)."),
+          mlflow: bool = typer.Option(True, help="Log a parent run and a child run per method and seed to MLflow.")):
+    """Run every method (or --methods) of a family on the same base and request: forgetting,
+    utility, wall-clock, peak memory and sampling cost, mean ± sd over --seeds."""
+    from forgetflow import cli
+    from forgetflow.bench import methods_of, run_bench
+
+    o = cli._opts(ctx)
+    families = ["diffusion", "llm"] if family == "all" else [family]
+    if any(f not in ("diffusion", "llm") for f in families):
+        cli._fail(f"unknown family {family!r}; known: diffusion, llm, all")
+    if (model_dir is None) != (eval_kit is None) or (model_dir and len(families) > 1):
+        cli._fail("--model-dir and --eval-kit go together, with one --family")
+    chosen = [m.strip() for m in methods.split(",")] if methods else None
+    tracking = cli._guard(cli._connect, o)[1].mlflow_uri if mlflow else None
+    params = cli.load_params(o.params_path, preset=o.preset)
+    for fam in families:
+        picked = [m for m in chosen if m in methods_of(fam)] if chosen and len(families) > 1 else chosen
+        try:
+            folder = run_bench(fam, params, out, seeds=seeds, methods=picked, model_dir=model_dir, eval_kit=eval_kit,
+                               tracking_uri=tracking)
+        except ValueError as exc:
+            cli._fail(str(exc))
+        cli.console.print((folder / "results.md").read_text(), markup=False, highlight=False)
+        cli.console.print(f"results: {folder}/results.json, results.md, tradeoff.png, seconds.png")

@@ -1,0 +1,86 @@
+"""`forgetflow bench` as a user runs it, in a small configuration (the benchmark's numbers are
+its output, not asserted here): every method of the family side by side, statistics over
+seeds, the table, the JSON file, the plots, and the MLflow parent and child runs on the
+session's real server."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.cli import forgetflow
+from tests.llm_fixtures import llm_params, support_llm  # noqa: F401
+
+pytestmark = [pytest.mark.slow, pytest.mark.services]
+PROJECT = Path(__file__).resolve().parent.parent
+SMALL = {  # the tiny preset, smaller again: the bench's plumbing is under test
+    "diffusion": {"base": {"steps": 30, "judge_epochs": 1}, "sampler": {"num_inference_steps": 2},
+                  "sfd": {"iterations": 6, "sid_iterations": 2, "checkpoint_every": 100, "log_every": 2},
+                  "calibrate": {"guidance_scales": [1.0], "samples_per_class": 4},
+                  "evaluate": {"forget_samples": 8, "samples_per_remaining_class": 4}},
+    "llm": {"unlearn": {"epochs": 1}, "calibrate": {"guidance_scales": [1.0, 2.0]}},
+}
+
+
+def small_params(directory: Path) -> Path:
+    data = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    for family, sections in SMALL.items():
+        for section, fields in sections.items():
+            data["presets"]["tiny"][family].setdefault(section, {}).update(fields)
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def bench(workdir: Path, state_dir: Path, *args: str) -> dict:
+    out = forgetflow(workdir, state_dir, "--params", str(small_params(workdir)), "bench", "--out",
+                     str(workdir / "results"), *args)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    folder = Path(out.stdout.split("results: ")[-1].split("/results.json")[0])
+    result = json.loads((folder / "results.json").read_text())
+    assert (folder / "tradeoff.png").stat().st_size > 5000 and (folder / "seconds.png").stat().st_size > 5000
+    return {"result": result, "table": (folder / "results.md").read_text(), "stdout": out.stdout}
+
+
+def mlflow_children(services, result: dict) -> list:
+    client = MlflowClient(services.mlflow_uri)
+    exp = client.get_experiment_by_name("forgetflow/bench")
+    parents = client.search_runs([exp.experiment_id],
+                                 f"attributes.run_name = 'bench-{result['family']}-{result['created']}'")
+    assert len(parents) == 1
+    assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} >= {"results.json", "results.md"}
+    return client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+
+
+def test_diffusion_methods_and_retrain_side_by_side_over_two_seeds(services, tmp_path):
+    run = bench(tmp_path, Path(services.state_dir), "--family", "diffusion", "--seeds", "2")
+    result, table = run["result"], run["table"]
+    assert result["methods"] == ["sfd", "sfd-two-stage", "retrain"]
+    assert len(result["trials"]) == 6 and {t["seed"] for t in result["trials"]} == {0, 1}
+    for method, row in result["summary"].items():
+        assert row["seeds"] == 2 and row["unlearn_s"]["mean"] > 0 and row["peak_memory_mb"]["mean"] > 100
+        ua = row["unlearning_accuracy"]
+        assert 0 <= ua["ci95"][0] <= ua["mean"] <= ua["ci95"][1] <= 1 and ua["sd"] >= 0
+        assert f"| {method}" in table
+    assert result["summary"]["retrain"]["override_fidelity"] is None  # it never learnt the class
+    assert result["summary"]["sfd"]["nfe"]["mean"] == 1 and result["summary"]["retrain"]["nfe"]["mean"] > 1
+    assert "retrain (real data:" in table  # the table says which peers need the real data
+    children = mlflow_children(services, result)
+    assert sorted(r.data.tags["forgetflow.method"] for r in children) == sorted([*result["methods"]] * 2)
+    assert all("unlearning_accuracy" in r.data.metrics and "unlearn_s" in r.data.metrics for r in children)
+
+
+def test_llm_bench_on_your_own_model(services, support_llm, tmp_path):
+    """A user's own base version and kit (here the session's tiny support model), one peer."""
+    run = bench(tmp_path, Path(services.state_dir), "--family", "llm", "--seeds", "1", "--methods", "grad-ascent",
+                "--model-dir", str(support_llm / "model"), "--eval-kit", str(support_llm / "eval_kit"))
+    result = run["result"]
+    (trial,) = result["trials"]
+    assert trial["method"] == "grad-ascent" and {g["name"] for g in trial["gates"]} >= {"leak_rate", "retained_recall_drop"}
+    row = result["summary"]["grad-ascent"]
+    assert row["leak_rate"]["ci95"] and row["tokens_per_s_guided"]["mean"] > 0 and row["tokens_per_s_unguided"]["mean"] > 0
+    assert trial["items"]["leak_rate"] >= 4  # four customers' values
+    assert len(mlflow_children(services, result)) == 1
