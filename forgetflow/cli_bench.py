@@ -38,4 +38,4 @@ def bench(ctx: typer.Context,
         except ValueError as exc:
             cli._fail(str(exc))
         cli.console.print((folder / "results.md").read_text(), markup=False, highlight=False)
-        cli.console.print(f"results: {folder}/results.json, results.md, tradeoff.png, seconds.png")
+        cli.console.print(f"results: {folder}/results.json, results.md, tradeoff.png, seconds.png", soft_wrap=True)

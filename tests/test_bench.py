@@ -39,7 +39,8 @@ def bench(workdir: Path, state_dir: Path, *args: str) -> dict:
     out = forgetflow(workdir, state_dir, "--params", str(small_params(workdir)), "bench", "--out",
                      str(workdir / "results"), *args)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    folder = Path(out.stdout.split("results: ")[-1].split("/results.json")[0])
+    (folder,) = (workdir / "results").iterdir()
+    assert str(folder) in out.stdout.replace("\n", "")
     result = json.loads((folder / "results.json").read_text())
     assert (folder / "tradeoff.png").stat().st_size > 5000 and (folder / "seconds.png").stat().st_size > 5000
     return {"result": result, "table": (folder / "results.md").read_text(), "stdout": out.stdout}
