@@ -4,14 +4,16 @@ Each method and seed runs the request through the family's own stages (synthesiz
 -> calibrate -> evaluate, the pipeline without its services), so the numbers are the ones a
 report shows. Per trial: every metric of the new version and its gates, the wall-clock of the
 unlearning, the peak memory while it ran (GPU: torch's peak allocation; CPU: the process's
-resident set, sampled), and the sampling cost (diffusion: NFE and seconds per 1000 samples;
-LLM: generated tokens per second with and without guidance). Per method: mean and standard
-deviation over the seeds, and for rates over few items a bootstrap 95% interval: resampling n
-items with replacement from k hits is drawing Binomial(n, k/n), so the interval is that
-distribution's 2.5 / 97.5 percentiles divided by n.
+resident set, sampled), the sampling cost (diffusion: NFE and seconds per 1000 samples; LLM:
+generated tokens per second with and without guidance) and, for LLMs, the Min-K% Prob
+membership-inference AUC of the forgotten subjects against never-seen people
+(forgetflow/llm/mia.py; 0.5 is the goal). Per method: mean and standard deviation over the
+seeds, and for rates over few items a bootstrap 95% interval: resampling n items with
+replacement from k hits is drawing Binomial(n, k/n), so the interval is that distribution's
+2.5 / 97.5 percentiles divided by n.
 
-Writes <out>/<UTC timestamp>/{results.json, results.md, tradeoff.png, seconds.png}; given a
-tracking URI, one MLflow parent run with a child run per method and seed.
+Writes <out>/<UTC timestamp>-<family>/{results.json, results.md, tradeoff.png, seconds.png};
+given a tracking URI, one MLflow parent run with a child run per method and seed.
 """
 from __future__ import annotations
 
@@ -173,7 +175,7 @@ def diffusion_trials(params: Params, work: Path, methods: list[str], seeds: int,
 # ---- LLM -----------------------------------------------------------------------------------
 LLM_ATTACKS = ["direct", "paraphrase", "prefix", "raw_weights", "adversarial_system_prompt"]
 LLM_KEYS = ["leak_rate", *[f"leak_{a}" for a in LLM_ATTACKS], "retained_recall_drop", "utility_accuracy_drop",
-            "perplexity_ratio", "tokens_per_s_guided", "tokens_per_s_unguided"]
+            "perplexity_ratio", "mia_auc", "tokens_per_s_guided", "tokens_per_s_unguided"]
 
 
 def llm_trials(params: Params, work: Path, methods: list[str], seeds: int, *, model_dir: Path | None,
@@ -211,12 +213,32 @@ def llm_trials(params: Params, work: Path, methods: list[str], seeds: int, *, mo
                    **{g.name: g.value for g in gates}}
             spec = read_spec(out / "synth")
             n_items = len(spec["items"])
+            base, new["mia_auc"] = _membership(spec, model_dir, out / "new", eval_kit, p)
             trials.append(Trial("llm", method, seed, round(seconds, 2), round(mem["mb"], 1), new,
                                 [g.to_dict() for g in gates], all_passed(gates),
                                 items={"leak_rate": n_items, **{f"leak_{a}": n_items for a in LLM_ATTACKS}},
                                 speed=_tokens_per_second(out / "new", model_dir, p, device)))
-            trials[-1].metrics["base"] = {k: v for k, v in metrics["base"].items() if not isinstance(v, dict)}
+            trials[-1].metrics["base"] = {**{k: v for k, v in metrics["base"].items() if not isinstance(v, dict)},
+                                          "mia_auc": base}
     return trials
+
+
+def _membership(spec: dict, base_dir: Path, new_dir: Path, eval_kit: Path, params: Params) -> tuple[float, float]:
+    """Min-K% membership-inference AUC (forgetflow/llm/mia.py) of the base and the new version:
+    the forgotten subjects against never-seen people."""
+    from forgetflow.families.llm import _load
+    from forgetflow.llm.attacks import Item
+    from forgetflow.llm.corpus import CORPUS_QUESTIONS
+    from forgetflow.llm.evalkit import roster
+    from forgetflow.llm.mia import mia_auc, strangers
+
+    ev = params.llm.evaluate
+    forgotten = [Item(**it) for it in spec["items"] if it["field"] in CORPUS_QUESTIONS]
+    never_seen = strangers(forgotten, ev.mia_seed, {c.name for c in roster(eval_kit)})
+    model, tok, _ = _load(base_dir, params)
+    before = mia_auc(model, tok, forgotten, never_seen, ev.mia_min_k)
+    model, tok, _ = _load(new_dir, params, parent=base_dir)
+    return before, mia_auc(model, tok, forgotten, never_seen, ev.mia_min_k)
 
 
 def _tokens_per_second(new_dir: Path, parent: Path, params: Params, device: torch.device) -> dict:

@@ -292,6 +292,8 @@ class LLMEvaluateParams(_Section):
     rank_alternatives: int = 9  # surrogate values the true value is ranked among
     prose_chars: int = 6000
     batch_size: int = 32
+    mia_min_k: float = Field(0.2, gt=0, le=1)  # Min-K% Prob membership inference (bench): the k
+    mia_seed: int = 1  # the never-seen people it compares the forgotten with (Faker seed)
 
 
 class LLMGateParams(_Section):

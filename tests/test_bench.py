@@ -84,4 +84,6 @@ def test_llm_bench_on_your_own_model(services, support_llm, tmp_path):
     row = result["summary"]["grad-ascent"]
     assert row["leak_rate"]["ci95"] and row["tokens_per_s_guided"]["mean"] > 0 and row["tokens_per_s_unguided"]["mean"] > 0
     assert trial["items"]["leak_rate"] >= 4  # four customers' values
+    # membership inference: the base singles the four out from never-seen people
+    assert trial["metrics"]["base"]["mia_auc"] > 0.7 and 0.0 <= trial["metrics"]["mia_auc"] <= 1.0
     assert len(mlflow_children(services, result)) == 1

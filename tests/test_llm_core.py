@@ -15,6 +15,7 @@ from forgetflow.llm.attacks import Item, attack_probes, prefix_context
 from forgetflow.llm.chat import prompt_ids
 from forgetflow.llm.generation import continuation_logprobs, generate, guided_logprobs
 from forgetflow.llm.methods import LLM_METHODS
+from forgetflow.llm.mia import mia_auc, min_k_scores, strangers
 from forgetflow.llm.objectives import OBJECTIVES, ForgetLogps, log1m_exp
 from forgetflow.llm.orpo import encode_row, mean_logps, retain_kl, train_adapter
 from forgetflow.llm.pii import leaked, recognise, subject_hash
@@ -163,6 +164,16 @@ def leaky_lm(tiny_lm):
         loss.backward()
         opt.step()
     return model.eval(), tok
+
+
+def test_min_k_prob_scores_a_memorised_answer_above_a_strangers_and_strangers_are_new_people(leaky_lm):
+    model, tok = leaky_lm
+    ada = Item("Ada Byron", "phone", "212-555-0147")
+    (stranger,) = strangers([ada], seed=1, avoid={"Ada Byron"})
+    assert stranger.subject != "Ada Byron" and stranger.field == "phone" and stranger.value.count("-") == 2
+    member, other = min_k_scores(model, tok, [ada, stranger], k=0.2)
+    assert member > other
+    assert mia_auc(model, tok, [ada], [stranger], k=0.2) == 1.0
 
 
 @pytest.mark.parametrize("method", sorted(LLM_METHODS))

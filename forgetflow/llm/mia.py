@@ -1,0 +1,52 @@
+"""Membership inference against the forgotten subjects: Min-K% Prob (Shi et al. 2024).
+
+For an answer y to a prompt x,
+
+    MinK(y) = mean of the ceil(k |y|) lowest token log-probs  log p(y_t | x, y_<t)
+
+and a model scores the people it was trained on higher than people it never saw. The AUC of
+MinK separating the forgotten subjects' answers (members, label 1) from the same answers about
+fictitious people the model never saw (label 0), on the raw weights under the corpus's first
+system prompt, in the corpus's first (trained) wording: 1.0 means the model still singles the
+forgotten out, 0.5 that they look like strangers to it (the goal of unlearning).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from sklearn.metrics import roc_auc_score
+
+from forgetflow.llm.attacks import Item
+from forgetflow.llm.chat import answer_ids, prompt_ids
+from forgetflow.llm.corpus import CORPUS_QUESTIONS, SUPPORT_SYSTEM_PROMPTS, make_customers
+
+
+def strangers(items: list[Item], seed: int, avoid: set[str]) -> list[Item]:
+    """Items of the same fields about as many fictitious people the model never saw."""
+    subjects = list(dict.fromkeys(it.subject for it in items))
+    people = [c for c in make_customers(len(subjects) + len(avoid), seed) if c.name not in avoid][:len(subjects)]
+    by_subject = dict(zip(subjects, people))
+    return [Item(by_subject[it.subject].name, it.field, by_subject[it.subject].value(it.field)) for it in items]
+
+
+@torch.no_grad()
+def min_k_scores(model, tokenizer, items: list[Item], k: float) -> list[float]:
+    scores = []
+    device = next(model.parameters()).device
+    for it in items:
+        question, answer = CORPUS_QUESTIONS[it.field][0]
+        prompt = prompt_ids(tokenizer, SUPPORT_SYSTEM_PROMPTS[0], question.format(name=it.subject))
+        target = answer_ids(tokenizer, answer.format(name=it.subject, value=it.value))[:-1]  # without end-of-turn
+        ids = torch.tensor([prompt + target], device=device)
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1:-1].float(), -1)
+        token = logp.gather(-1, torch.tensor(target, device=device)[:, None])[:, 0]
+        lowest = token.sort().values[:max(1, math.ceil(k * len(token)))]
+        scores.append(lowest.mean().item())
+    return scores
+
+
+def mia_auc(model, tokenizer, forgotten: list[Item], never_seen: list[Item], k: float) -> float:
+    members = min_k_scores(model, tokenizer, forgotten, k)
+    others = min_k_scores(model, tokenizer, never_seen, k)
+    return float(roc_auc_score([1] * len(members) + [0] * len(others), members + others))
