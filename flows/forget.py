@@ -15,6 +15,7 @@ only after every gate passed). Rerunning a failed request resumes from its check
 from __future__ import annotations
 
 import json
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -86,7 +87,8 @@ def forget(request_id: str, model: str, state_dir: str, params_path: str | None 
         family = get_family(lead.family)
         ctx = RunContext(request_id=lead.request_id, model=model, family=lead.family,
                          method=lead.method or family.default_method, state_dir=state_dir,
-                         params_path=params_path, preset=preset, batch=[e.request_id for e in pending[1:]])
+                         params_path=params_path, preset=preset, batch=[e.request_id for e in pending[1:]],
+                         started_at=time.time())
         for rid in ctx.request_ids:
             ledger.update(rid, "running", flow_run_id=str(flow_run.id or ""), error=None)
         try:

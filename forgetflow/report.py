@@ -3,8 +3,8 @@
 report.json keys (DESIGN.md "Contracts"): request_id, request_ids (every request the run
 applied: the lead alone, or a batch), status (promoted | rejected |
 failed), model, family, method, base_version, new_version, guidance_scale, metrics
-{"base", "new"}, gates [{name, value, threshold, kind, passed}], durations_s per stage,
-uris (checkpoint, synth data, MLflow run), revisions (git, dvc.lock), error, created.
+{"base", "new"}, gates [{name, value, threshold, kind, passed}], durations_s per stage and
+"total" (the run, from its model slot to the report), pipeline_overhead (see below), uris (checkpoint, synth data, MLflow run), revisions (git, dvc.lock), error, created.
 The HTML page is self-contained (images inlined) and holds no request content: subjects
 are named by salted hash only, and a diffusion class label is not personal data.
 """
@@ -19,7 +19,19 @@ import time
 from pathlib import Path
 
 REPORT_KEYS = ("request_id", "request_ids", "status", "model", "family", "method", "base_version", "new_version",
-               "guidance_scale", "metrics", "gates", "durations_s", "uris", "revisions", "error", "created")
+               "guidance_scale", "metrics", "gates", "durations_s", "pipeline_overhead", "uris", "revisions", "error",
+               "created")
+WORK_STAGES = ("unlearn", "calibrate", "evaluate")  # training and evaluation; everything else is the pipeline's
+
+
+def pipeline_overhead(durations: dict) -> float | None:
+    """Share of the run's wall-clock spent outside training and evaluation:
+    1 - (unlearn + calibrate + evaluate) / total, i.e. Prefect, MLflow, S3, DVC, intake and
+    promotion (None without a total)."""
+    total = durations.get("total")
+    if not total:
+        return None
+    return max(0.0, 1.0 - sum(durations.get(s, 0.0) for s in WORK_STAGES) / total)
 
 
 def code_revisions(root: Path | None = None) -> dict:
@@ -76,6 +88,8 @@ def render_html(report: dict, figures: list[Path], certificate: dict | None = No
         for g in report.get("gates") or []
     )
     durations = "".join(f"<tr><td>{esc(k)}</td><td>{v:.1f} s</td></tr>" for k, v in (report.get("durations_s") or {}).items())
+    overhead = (f"<p>Pipeline overhead (outside training and evaluation): {report['pipeline_overhead']:.1%}</p>"
+                if report.get("pipeline_overhead") is not None else "")
     uris = "".join(f"<tr><td>{esc(k)}</td><td><code>{esc(str(v))}</code></td></tr>" for k, v in {**(report.get("uris") or {}), **(report.get("revisions") or {})}.items())
     ids = report.get("request_ids") or [report["request_id"]]
     batch = f"<p>Applied together in one run: {esc(', '.join(ids))}.</p>" if len(ids) > 1 else ""
@@ -95,7 +109,7 @@ version {esc(str(report['base_version']))} &rarr; {esc(str(report['new_version']
 <h2>Gates</h2><table><tr><th>gate</th><th>value</th><th>threshold</th><th>result</th></tr>{gates}</table>
 <h2>Metrics (held-out seeds)</h2><table><tr><th>metric</th><th>base</th><th>new</th></tr>{''.join(rows)}</table>
 <h2>Evidence</h2>{''.join(_img(f) for f in figures)}
-<h2>Stage durations</h2><table>{durations}</table>
+<h2>Stage durations</h2><table>{durations}</table>{overhead}
 <h2>Lineage</h2><table>{uris}</table>
 {_certificate_html(certificate)}
 <p><small>Created {esc(report['created'])} by forgetflow.</small></p></body></html>"""

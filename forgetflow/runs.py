@@ -35,6 +35,7 @@ class RunContext:
     eval_kit_uri: str | None = None
     batch: list[str] = field(default_factory=list)
     durations_s: dict[str, float] = field(default_factory=dict)
+    started_at: float | None = None  # epoch seconds the run got its model's slot
 
     @property
     def work(self) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -15,7 +16,7 @@ from forgetflow.certificate import (certificate_body, sha256_file, sign, signing
                                     write_certificate)
 from forgetflow.plots import plot_metric_bars
 from forgetflow.registry import promote_champion
-from forgetflow.report import build_report, code_revisions, write_report
+from forgetflow.report import build_report, code_revisions, pipeline_overhead, write_report
 from forgetflow.runs import RunContext, s3_prefix
 from tasks.common import StageEnv, timed
 from forgetflow.bootstrap import EVAL_KIT_TAG
@@ -84,13 +85,16 @@ def promote(ctx: RunContext, guidance_scale: float, metrics: dict, gates: list[d
             failed = [g["name"] for g in gates if not g["passed"]]
             status, error = "rejected", "gates failed: " + ", ".join(failed)
 
+    if ctx.started_at:
+        ctx.durations_s["total"] = round(time.time() - ctx.started_at, 2)
     figures = [ctx.evaluation_dir / name for name in
                ("samples_before_after.png", "leak_by_attack.png", "guidance_curve.png")]
     figures.append(plot_metric_bars(metrics, HEADLINE_METRICS.get(ctx.family, []), ctx.evaluation_dir / "metric_bars.png"))
     report = build_report(
         request_id=ctx.request_id, request_ids=ctx.request_ids, status=status, model=ctx.model, family=ctx.family, method=ctx.method,
         base_version=ctx.base_version, new_version=version, guidance_scale=guidance_scale, metrics=metrics,
-        gates=gates, durations_s=ctx.durations_s, uris=uris, revisions=revisions, error=error)
+        gates=gates, durations_s=ctx.durations_s, pipeline_overhead=pipeline_overhead(ctx.durations_s), uris=uris,
+        revisions=revisions, error=error)
     report_dir = Path(env.params.services.reports_dir) / ctx.request_id
     report_path = write_report(report, report_dir, figures)
     env.run.artifacts(report_dir, "report")

@@ -67,7 +67,8 @@ def test_customers_are_forgotten_through_the_six_stages(registered, services, cu
     report_dir = workdir / "reports" / REQUEST
     report = json.loads((report_dir / "report.json").read_text())
     assert report["family"] == "llm" and report["method"] == "cfg-orpo"
-    assert set(report["durations_s"]) == {"intake", "synthesize", "unlearn", "calibrate", "evaluate", "promote"}
+    assert set(report["durations_s"]) == {"intake", "synthesize", "unlearn", "calibrate", "evaluate", "promote", "total"}
+    assert 0 < report["pipeline_overhead"] < 0.5 and report["durations_s"]["total"] > report["durations_s"]["unlearn"]
     base, new = report["metrics"]["base"], report["metrics"]["new"]
     for key in ("leak_rate", "retained_recall", "utility_accuracy", "perplexity", "guidance_scale", "value_logprob"):
         assert key in base and key in new

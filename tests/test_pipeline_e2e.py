@@ -89,7 +89,8 @@ def test_request_flows_through_all_six_stages_and_is_promoted(registered, servic
     assert report["status"] == "promoted", report["gates"]
     assert report["family"] == "diffusion" and report["method"] == "sfd"
     assert (report["base_version"], report["new_version"]) == ("1", "2")
-    assert set(report["durations_s"]) == {"intake", "synthesize", "unlearn", "calibrate", "evaluate", "promote"}
+    assert set(report["durations_s"]) == {"intake", "synthesize", "unlearn", "calibrate", "evaluate", "promote", "total"}
+    assert 0 < report["pipeline_overhead"] < 0.5 and report["durations_s"]["total"] > report["durations_s"]["unlearn"]
     base, new = report["metrics"]["base"], report["metrics"]["new"]
     for key in ("unlearning_accuracy", "override_fidelity", "remaining_class_accuracy", "remaining_fd",
                 "seconds_per_1000_samples", "nfe"):

@@ -5,7 +5,7 @@ import pytest
 
 from forgetflow.gates import Gate
 from forgetflow.plots import plot_guidance_curve, plot_metric_bars
-from forgetflow.report import REPORT_KEYS, build_report, write_report
+from forgetflow.report import REPORT_KEYS, build_report, pipeline_overhead, render_html, write_report
 
 
 def test_report_files_and_page(tmp_path):
@@ -34,3 +34,12 @@ def test_gate_semantics_and_unknown_report_fields():
     assert Gate("a", 1.0, 0.5, "min").margin == pytest.approx(1.0)
     with pytest.raises(ValueError, match="unknown report fields"):
         build_report(request_id="r", colour="red")
+
+
+def test_pipeline_overhead_is_the_share_outside_training_and_evaluation():
+    durations = {"intake": 4.0, "synthesize": 1.0, "unlearn": 60.0, "calibrate": 20.0, "evaluate": 10.0,
+                 "promote": 2.0, "total": 100.0}
+    assert pipeline_overhead(durations) == pytest.approx(0.10)
+    assert pipeline_overhead({"unlearn": 60.0}) is None  # a failed run has no total
+    page_report = build_report(request_id="r", status="promoted", durations_s=durations, pipeline_overhead=0.1)
+    assert "Pipeline overhead (outside training and evaluation): 10.0%" in render_html(page_report, [])
