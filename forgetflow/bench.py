@@ -35,7 +35,9 @@ from forgetflow.config import Params, _deep_merge
 BOOTSTRAP_DRAWS = 10_000
 FORGET_CLASS = 7  # the diffusion bench's request: forget this digit (the override rule picks its target)
 FORGET_SUBJECTS = 4  # the LLM bench's request: forget the first customers of the roster
-DIFFUSION_REAL_DATA = {"retrain": "trains on the real digits minus the class"}
+DIFFUSION_REAL_DATA = {"retrain": "trains on the real digits minus the class",
+                       "esd": "fine-tunes on real digits of the class and of the rest"}
+UNTARGETED = ("retrain", "esd")  # they redraw the class as some other digit, not as a chosen one
 
 
 @dataclass
@@ -129,6 +131,7 @@ def diffusion_trials(params: Params, work: Path, methods: list[str], seeds: int,
     from forgetflow.diffusion.evaluate import evaluate_version
     from forgetflow.diffusion.judge import train_judge
     from forgetflow.diffusion.methods import get_method
+    from forgetflow.diffusion.sfd import RANDOM_OVERRIDE
     from forgetflow.diffusion.train_base import train_teacher
     from forgetflow.families.diffusion import resolve_overrides
     from forgetflow.gates import all_passed
@@ -137,14 +140,15 @@ def diffusion_trials(params: Params, work: Path, methods: list[str], seeds: int,
     base = model_dir or train_teacher(params, work / "base", device=device, progress=progress)
     judge = eval_kit or train_judge(params, work / "judge", device=device, progress=progress)
     card = json.loads((Path(base) / "model_card.json").read_text())
-    pair = tuple(resolve_overrides([FORGET_CLASS], {}, card, params.diffusion.sfd.override_rule)[0])
+    targeted = tuple(resolve_overrides([FORGET_CLASS], {}, card, params.diffusion.sfd.override_rule)[0])
     ev, cache = params.diffusion.evaluate, work / "cache"
-    base_metrics = evaluate_version(base, judge, [pair], params, seed=ev.seed, device=device, cache_dir=cache)
     trials = []
     for method in methods:
+        pair = (FORGET_CLASS, RANDOM_OVERRIDE) if method in UNTARGETED else targeted
+        base_metrics = evaluate_version(base, judge, [pair], params, seed=ev.seed, device=device, cache_dir=cache)
         for seed in range(seeds):
             out = work / f"{method}-seed{seed}"
-            p = with_updates(params, {"diffusion": {"sfd": {"seed": seed}, "base": {"seed": seed}}})
+            p = with_updates(params, {"diffusion": {"sfd": {"seed": seed}, "esd": {"seed": seed}, "base": {"seed": seed}}})
             start = time.perf_counter()
             with peak_memory(device) as mem:
                 if method == "retrain":  # the gold standard: the teacher's recipe without the class
@@ -152,7 +156,7 @@ def diffusion_trials(params: Params, work: Path, methods: list[str], seeds: int,
                 else:
                     get_method(method).unlearn(base, out, [pair], p, device=device, progress=progress)
             seconds = time.perf_counter() - start
-            if method != "retrain":  # a DDPM's own guidance scale is its recipe's
+            if json.loads((out / "model_card.json").read_text())["kind"] == "one-step":  # a DDPM keeps its recipe's scale
                 calibration = evaluate_version(base, judge, [pair], p, seed=p.diffusion.calibrate.seed, device=device,
                                                cache_dir=cache, samples_scale=p.diffusion.calibrate.samples_per_class
                                                / ev.samples_per_remaining_class)
@@ -162,9 +166,6 @@ def diffusion_trials(params: Params, work: Path, methods: list[str], seeds: int,
             new = evaluate_version(out, judge, [pair], p, seed=ev.seed, device=device, cache_dir=cache)
             gates = diffusion_gates(base_metrics, new, p.diffusion.gates)
             new.update({g.name: g.value for g in gates if g.name in DIFFUSION_KEYS})
-            if method == "retrain":  # it never learnt the class: there is no override to be faithful to
-                new["override_fidelity"] = None
-                gates = [g for g in gates if g.name != "override_fidelity"]
             n_forget = new["samples"]["per_forget_class"]
             trials.append(Trial("diffusion", method, seed, round(seconds, 2), round(mem["mb"], 1), new,
                                 [g.to_dict() for g in gates], all_passed(gates),

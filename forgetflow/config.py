@@ -141,6 +141,17 @@ class CalibrateParams(_Section):
     seed: int = 20_000
 
 
+class ESDParams(_Section):
+    """ESD-style fine-tuning, a bench peer (Gandikota et al. 2023; forgetflow/diffusion/esd.py)."""
+
+    iterations: int = 200
+    batch_size: int = 32  # real digits of the forgotten classes; as many of the remaining ones
+    lr: float = 1e-4
+    negative_guidance: float = 1.0  # eta (the paper's 1.0)
+    preserve_weight: float = 1.0  # the remaining classes' eps-matching term
+    seed: int = 0
+
+
 class EvaluateParams(_Section):
     """Held-out evaluation seeds (never the training or calibration ones)."""
 
@@ -167,6 +178,7 @@ class DiffusionParams(_Section):
     base: DiffusionBaseTrainParams = DiffusionBaseTrainParams()
     sampler: SamplerParams = SamplerParams()
     sfd: SFDParams = SFDParams()
+    esd: ESDParams = ESDParams()
     calibrate: CalibrateParams = CalibrateParams()
     evaluate: EvaluateParams = EvaluateParams()
     gates: GateParams = GateParams()

@@ -19,6 +19,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 SMALL = {  # the tiny preset, smaller again: the bench's plumbing is under test
     "diffusion": {"base": {"steps": 30, "judge_epochs": 1}, "sampler": {"num_inference_steps": 2},
                   "sfd": {"iterations": 6, "sid_iterations": 2, "checkpoint_every": 100, "log_every": 2},
+                  "esd": {"iterations": 6, "batch_size": 8},
                   "calibrate": {"guidance_scales": [1.0], "samples_per_class": 4},
                   "evaluate": {"forget_samples": 8, "samples_per_remaining_class": 4}},
     "llm": {"unlearn": {"epochs": 1}, "calibrate": {"guidance_scales": [1.0, 2.0]}},
@@ -56,19 +57,20 @@ def mlflow_children(services, result: dict) -> list:
     return client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
 
 
-def test_diffusion_methods_and_retrain_side_by_side_over_two_seeds(services, tmp_path):
+def test_diffusion_methods_esd_and_retrain_side_by_side_over_two_seeds(services, tmp_path):
     run = bench(tmp_path, Path(services.state_dir), "--family", "diffusion", "--seeds", "2")
     result, table = run["result"], run["table"]
-    assert result["methods"] == ["sfd", "sfd-two-stage", "retrain"]
-    assert len(result["trials"]) == 6 and {t["seed"] for t in result["trials"]} == {0, 1}
+    assert result["methods"] == ["sfd", "sfd-two-stage", "sid", "esd", "retrain"]
+    assert len(result["trials"]) == 10 and {t["seed"] for t in result["trials"]} == {0, 1}
     for method, row in result["summary"].items():
         assert row["seeds"] == 2 and row["unlearn_s"]["mean"] > 0 and row["peak_memory_mb"]["mean"] > 100
         ua = row["unlearning_accuracy"]
         assert 0 <= ua["ci95"][0] <= ua["mean"] <= ua["ci95"][1] <= 1 and ua["sd"] >= 0
         assert f"| {method}" in table
-    assert result["summary"]["retrain"]["override_fidelity"] is None  # it never learnt the class
+    untargeted = {t["method"]: t["metrics"]["random_override"] for t in result["trials"]}
+    assert untargeted == {"sfd": False, "sfd-two-stage": False, "sid": False, "esd": True, "retrain": True}
     assert result["summary"]["sfd"]["nfe"]["mean"] == 1 and result["summary"]["retrain"]["nfe"]["mean"] > 1
-    assert "retrain (real data:" in table  # the table says which peers need the real data
+    assert "retrain (real data:" in table and "esd (real data:" in table  # which peers need the real data
     children = mlflow_children(services, result)
     assert sorted(r.data.tags["forgetflow.method"] for r in children) == sorted([*result["methods"]] * 2)
     assert all("unlearning_accuracy" in r.data.metrics and "unlearn_s" in r.data.metrics for r in children)

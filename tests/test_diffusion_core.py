@@ -244,6 +244,21 @@ def test_method_registry_and_two_stage_variant(untrained_version, loop_params, t
     assert load_version(out).card.method == "sfd-two-stage"
 
 
+def test_sid_only_and_esd_peers(untrained_version, one_step_version, loop_params, tmp_path):
+    sid = get_method("sid").stages(loop_params.diffusion.sfd)
+    assert [(s.iterations, s.forget, s.objective.lambda_f) for s in sid] == [(LOOP["iterations"], False, 0.0)]
+    params = with_overrides(loop_params, esd={"iterations": 3, "batch_size": 4})
+    out = get_method("esd").unlearn(untrained_version, tmp_path / "esd", [(7, 8)], params, device=CPU, progress=False)
+    esd = load_version(out)
+    assert esd.card.kind == "ddpm" and esd.card.method == "esd" and esd.generator is None
+    assert esd.card.forgotten_pairs == [(7, RANDOM_OVERRIDE)]  # the class becomes whatever it is guided to
+    teacher = load_version(untrained_version)
+    moved = [not torch.equal(a, b) for a, b in zip(esd.score.parameters(), teacher.score.parameters())]
+    assert any(moved)
+    with pytest.raises(ArtifactError, match="one-step"):
+        get_method("esd").unlearn(one_step_version, tmp_path / "no", [(3, 4)], params, device=CPU, progress=False)
+
+
 def test_sfd_losses_follow_the_paper():
     sfd = SFD(alpha=1.2, lambda_f=0.5, omega_min=1e-5)
     g = torch.Generator().manual_seed(0)

@@ -2,8 +2,10 @@
 
 A method is a class with a `name` and a classmethod
     unlearn(base_dir, out_dir, forget_pairs, params, *, device, checkpoints, progress) -> Path
-that writes a new model version directory (artifact.py format). SFD and its two-stage variant
-are data-free; peers (ESD, Retrain, ...) register here under their own names.
+that writes a new model version directory (artifact.py format). SFD, its two-stage variant and
+plain SiD (the distillation baseline, which forgets nothing) are data-free; ESD-style
+fine-tuning uses real digits. Retrain, the gold standard, is the teacher's own recipe without
+the class (train_base.train_teacher; `forgetflow bench` runs it).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 
 from forgetflow.checkpoints import CheckpointSink
 from forgetflow.config import Params
+from forgetflow.diffusion.esd import ESD
 from forgetflow.diffusion.sfd import SFD_VARIANTS
 
 
@@ -26,7 +29,7 @@ class DiffusionMethod(Protocol):
                 progress: bool = True) -> Path: ...
 
 
-DIFFUSION_METHODS: dict[str, type] = {**SFD_VARIANTS}
+DIFFUSION_METHODS: dict[str, type] = {**SFD_VARIANTS, ESD.name: ESD}
 
 
 def get_method(name: str) -> type:

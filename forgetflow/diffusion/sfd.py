@@ -113,7 +113,18 @@ class SFDTwoStage(SFD):
         return [Stage(sfd.sid_iterations, sid, forget=False), *super().stages(sfd)]
 
 
-SFD_VARIANTS: dict[str, type[SFD]] = {cls.name: cls for cls in (SFD, SFDTwoStage)}
+class SiD(SFD):
+    """Plain SiD (lambda_f = 0, all classes) for `iterations`: the distillation baseline of the
+    bench, a one-step generator that forgets nothing (its gates fail by design)."""
+
+    name: ClassVar[str] = "sid"
+
+    @classmethod
+    def stages(cls, sfd: SFDParams) -> list[Stage]:
+        return [Stage(sfd.iterations, cls(alpha=sfd.alpha, lambda_f=0.0, omega_min=sfd.omega_min), forget=False)]
+
+
+SFD_VARIANTS: dict[str, type[SFD]] = {cls.name: cls for cls in (SFD, SFDTwoStage, SiD)}
 
 
 RANDOM_OVERRIDE = -1  # c_o of a pair whose forget samples are redrawn as a random remaining class

@@ -126,11 +126,11 @@ class DiffusionFamily:
 
     def unlearn(self, model_dir: Path, synth_dir: Path, out_dir: Path, params: Params, *,
                 method: str, base_version: str, checkpoints: CheckpointSink | None, progress: bool) -> Path:
-        from forgetflow.diffusion.sfd import train_sfd
+        from forgetflow.diffusion.methods import get_method
 
         spec = json.loads((Path(synth_dir) / SPEC_FILE).read_text())
         pairs = [tuple(p) for p in spec["forget_pairs"]]
-        return train_sfd(model_dir, out_dir, pairs, params, checkpoints=checkpoints, progress=progress, method=method)
+        return get_method(method).unlearn(model_dir, out_dir, pairs, params, checkpoints=checkpoints, progress=progress)
 
     def calibrate(self, base_dir: Path, new_dir: Path, synth_dir: Path, eval_kit: Path,
                   params: Params, out_dir: Path, *, cache_dir: Path | None = None) -> tuple[float, list[dict]]:
