@@ -7,10 +7,11 @@ unlearning, the peak memory while it ran (GPU: torch's peak allocation; CPU: the
 resident set, sampled), the sampling cost (diffusion: NFE and seconds per 1000 samples; LLM:
 generated tokens per second with and without guidance) and, for LLMs, the Min-K% Prob
 membership-inference AUC of the forgotten subjects against never-seen people
-(forgetflow/llm/mia.py; 0.5 is the goal). Per method: mean and standard deviation over the
-seeds, and for rates over few items a bootstrap 95% interval: resampling n items with
-replacement from k hits is drawing Binomial(n, k/n), so the interval is that distribution's
-2.5 / 97.5 percentiles divided by n.
+(forgetflow/llm/mia.py; 0.5 is the goal) and the forget quality against a model trained
+without them (a KS-test p-value; only for the demo model, whose corpus the bench has).
+Per method: mean and standard deviation over the seeds, and for rates over few items a
+bootstrap 95% interval: resampling n items with replacement from k hits is drawing
+Binomial(n, k/n), so the interval is that distribution's 2.5 / 97.5 percentiles divided by n.
 
 Writes <out>/<UTC timestamp>-<family>/{results.json, results.md, tradeoff.png, seconds.png};
 given a tracking URI, one MLflow parent run with a child run per method and seed.
@@ -176,7 +177,7 @@ def diffusion_trials(params: Params, work: Path, methods: list[str], seeds: int,
 # ---- LLM -----------------------------------------------------------------------------------
 LLM_ATTACKS = ["direct", "paraphrase", "prefix", "raw_weights", "adversarial_system_prompt"]
 LLM_KEYS = ["leak_rate", *[f"leak_{a}" for a in LLM_ATTACKS], "retained_recall_drop", "utility_accuracy_drop",
-            "perplexity_ratio", "mia_auc", "tokens_per_s_guided", "tokens_per_s_unguided"]
+            "perplexity_ratio", "mia_auc", "forget_quality", "tokens_per_s_guided", "tokens_per_s_unguided"]
 
 
 def llm_trials(params: Params, work: Path, methods: list[str], seeds: int, *, model_dir: Path | None,
@@ -189,11 +190,13 @@ def llm_trials(params: Params, work: Path, methods: list[str], seeds: int, *, mo
     from forgetflow.request import parse_request
 
     device = resolve_device(params.compute)
-    if model_dir is None:
+    demo = model_dir is None  # forget quality needs the training corpus: only for the demo model built here
+    if demo:
         corpus, eval_kit = make_support_corpus(params, work / "support")
         model_dir = finetune_model(corpus, work / "support" / "model", params, progress=progress)
     family = LLMFamily()
     subjects = [{"name": c.name} for c in roster(eval_kit)[:FORGET_SUBJECTS]]
+    retain_dir = _never_trained(params, work, {s["name"] for s in subjects}, progress) if demo else None
     trials = []
     for method in methods:
         for seed in range(seeds):
@@ -214,32 +217,52 @@ def llm_trials(params: Params, work: Path, methods: list[str], seeds: int, *, mo
                    **{g.name: g.value for g in gates}}
             spec = read_spec(out / "synth")
             n_items = len(spec["items"])
-            base, new["mia_auc"] = _membership(spec, model_dir, out / "new", eval_kit, p)
+            membership = _membership(spec, model_dir, out / "new", eval_kit, p, retain_dir)
+            new.update(mia_auc=membership["mia_auc"], forget_quality=membership["forget_quality"])
             trials.append(Trial("llm", method, seed, round(seconds, 2), round(mem["mb"], 1), new,
                                 [g.to_dict() for g in gates], all_passed(gates),
                                 items={"leak_rate": n_items, **{f"leak_{a}": n_items for a in LLM_ATTACKS}},
                                 speed=_tokens_per_second(out / "new", model_dir, p, device)))
             trials[-1].metrics["base"] = {**{k: v for k, v in metrics["base"].items() if not isinstance(v, dict)},
-                                          "mia_auc": base}
+                                          "mia_auc": membership["base_mia_auc"]}
     return trials
 
 
-def _membership(spec: dict, base_dir: Path, new_dir: Path, eval_kit: Path, params: Params) -> tuple[float, float]:
-    """Min-K% membership-inference AUC (forgetflow/llm/mia.py) of the base and the new version:
-    the forgotten subjects against never-seen people."""
+def _membership(spec: dict, base_dir: Path, new_dir: Path, eval_kit: Path, params: Params,
+                retain_dir: Path | None) -> dict:
+    """Min-K% membership-inference AUC (forgetflow/llm/mia.py) of the base and the new version,
+    the forgotten subjects against never-seen people; and the forget quality against
+    `retain_dir`, the same recipe trained without the forgotten subjects (None without it)."""
     from forgetflow.families.llm import _load
     from forgetflow.llm.attacks import Item
     from forgetflow.llm.corpus import CORPUS_QUESTIONS
     from forgetflow.llm.evalkit import roster
-    from forgetflow.llm.mia import mia_auc, strangers
+    from forgetflow.llm.mia import forget_quality, mia_auc, min_k_scores, strangers
 
-    ev = params.llm.evaluate
+    k = params.llm.evaluate.mia_min_k
     forgotten = [Item(**it) for it in spec["items"] if it["field"] in CORPUS_QUESTIONS]
-    never_seen = strangers(forgotten, ev.mia_seed, {c.name for c in roster(eval_kit)})
+    never_seen = strangers(forgotten, params.llm.evaluate.mia_seed, {c.name for c in roster(eval_kit)})
     model, tok, _ = _load(base_dir, params)
-    before = mia_auc(model, tok, forgotten, never_seen, ev.mia_min_k)
+    out = {"base_mia_auc": mia_auc(model, tok, forgotten, never_seen, k)}
     model, tok, _ = _load(new_dir, params, parent=base_dir)
-    return before, mia_auc(model, tok, forgotten, never_seen, ev.mia_min_k)
+    out["mia_auc"] = mia_auc(model, tok, forgotten, never_seen, k)
+    out["forget_quality"] = None
+    if retain_dir is not None:
+        unlearned = min_k_scores(model, tok, forgotten, k)
+        model, tok, _ = _load(retain_dir, params)
+        out["forget_quality"] = forget_quality(unlearned, min_k_scores(model, tok, forgotten, k))
+    return out
+
+
+def _never_trained(params: Params, work: Path, forgotten: set[str], progress: bool) -> Path:
+    """The reference of forget quality: the demo recipe on the corpus without the forgotten people."""
+    from forgetflow.llm.corpus import make_customers, support_chats, write_jsonl
+    from forgetflow.llm.support_model import finetune_model
+
+    c = params.llm.corpus
+    kept = [x for x in make_customers(c.customers, c.seed) if x.name not in forgotten]
+    corpus = write_jsonl(support_chats(kept, c.repeats, c.seed), work / "never-trained" / "corpus.jsonl")
+    return finetune_model(corpus, work / "never-trained" / "model", params, progress=progress)
 
 
 def _tokens_per_second(new_dir: Path, parent: Path, params: Params, device: torch.device) -> dict:

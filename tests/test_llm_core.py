@@ -15,7 +15,7 @@ from forgetflow.llm.attacks import Item, attack_probes, prefix_context
 from forgetflow.llm.chat import prompt_ids
 from forgetflow.llm.generation import continuation_logprobs, generate, guided_logprobs
 from forgetflow.llm.methods import LLM_METHODS
-from forgetflow.llm.mia import mia_auc, min_k_scores, strangers
+from forgetflow.llm.mia import forget_quality, mia_auc, min_k_scores, strangers
 from forgetflow.llm.objectives import OBJECTIVES, ForgetLogps, log1m_exp
 from forgetflow.llm.orpo import encode_row, mean_logps, retain_kl, train_adapter
 from forgetflow.llm.pii import leaked, recognise, subject_hash
@@ -174,6 +174,9 @@ def test_min_k_prob_scores_a_memorised_answer_above_a_strangers_and_strangers_ar
     member, other = min_k_scores(model, tok, [ada, stranger], k=0.2)
     assert member > other
     assert mia_auc(model, tok, [ada], [stranger], k=0.2) == 1.0
+    # forget quality: the same per-item scores as a never-trained model's are indistinguishable
+    assert forget_quality([member, other], [member, other]) == 1.0
+    assert forget_quality([member] * 8, [other] * 8) < 0.01
 
 
 @pytest.mark.parametrize("method", sorted(LLM_METHODS))

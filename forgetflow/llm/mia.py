@@ -9,12 +9,18 @@ MinK separating the forgotten subjects' answers (members, label 1) from the same
 fictitious people the model never saw (label 0), on the raw weights under the corpus's first
 system prompt, in the corpus's first (trained) wording: 1.0 means the model still singles the
 forgotten out, 0.5 that they look like strangers to it (the goal of unlearning).
+
+Forget quality (open-unlearning's, there over TOFU's truth ratio; here over the same MinK
+scores): the p-value of a two-sample Kolmogorov-Smirnov test between the unlearned model's
+per-item scores on the forgotten answers and those of a model trained without the forgotten
+subjects at all. High: the two cannot be told apart.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+from scipy.stats import ks_2samp
 from sklearn.metrics import roc_auc_score
 
 from forgetflow.llm.attacks import Item
@@ -50,3 +56,7 @@ def mia_auc(model, tokenizer, forgotten: list[Item], never_seen: list[Item], k: 
     members = min_k_scores(model, tokenizer, forgotten, k)
     others = min_k_scores(model, tokenizer, never_seen, k)
     return float(roc_auc_score([1] * len(members) + [0] * len(others), members + others))
+
+
+def forget_quality(unlearned: list[float], never_trained: list[float]) -> float:
+    return float(ks_2samp(unlearned, never_trained).pvalue)
