@@ -140,6 +140,7 @@ def test_the_request_key_is_destroyed_and_every_sealed_copy_needed_it(registered
     request had and show the forgotten values, so they are what the key protects; the ledger
     no longer has the key, and the privacy scan below finds no copy of it anywhere."""
     from forgetflow.runs import s3_prefix
+    from forgetflow.sealing import SEALED_SUFFIX
     from forgetflow.storage import ObjectStore
 
     workdir, state_dir = registered
@@ -148,7 +149,8 @@ def test_the_request_key_is_destroyed_and_every_sealed_copy_needed_it(registered
         Ledger(state_dir).request_key(REQUEST)
     store = ObjectStore(services.settings())
     copies = {str(f): f.read_bytes() for f in (workdir / "data" / "requests" / REQUEST / "synth").rglob("*.fernet")}
-    copies.update({f"s3://{k}": store.get_bytes(k) for k in store.list(s3_prefix(MODEL, REQUEST, "synth"))})
+    copies.update({f"s3://{k}": store.get_bytes(k) for k in store.list(s3_prefix(MODEL, REQUEST, "synth"))
+                   if k.endswith(SEALED_SUFFIX)})  # beside them: the upload's SHA-256 manifest
     assert any(k.startswith("s3://") for k in copies) and any(not k.startswith("s3://") for k in copies)
     opened = b"".join(Fernet(key).decrypt(blob) for blob in copies.values())
     assert customers[0].phone.encode() in opened  # what was sealed is the forgotten data itself
