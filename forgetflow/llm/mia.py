@@ -26,6 +26,7 @@ from sklearn.metrics import roc_auc_score
 from forgetflow.llm.attacks import Item
 from forgetflow.llm.chat import answer_ids, prompt_ids
 from forgetflow.llm.corpus import CORPUS_QUESTIONS, SUPPORT_SYSTEM_PROMPTS, make_customers
+from forgetflow.llm.orpo import _answer_logprobs, _batch
 
 
 def strangers(items: list[Item], seed: int, avoid: set[str]) -> list[Item]:
@@ -38,17 +39,19 @@ def strangers(items: list[Item], seed: int, avoid: set[str]) -> list[Item]:
 
 @torch.no_grad()
 def min_k_scores(model, tokenizer, items: list[Item], k: float) -> list[float]:
-    scores = []
-    device = next(model.parameters()).device
+    """MinK of each item's corpus answer, scored in one padded batch (orpo._answer_logprobs)."""
+    prompts, answers = [], []
     for it in items:
         question, answer = CORPUS_QUESTIONS[it.field][0]
-        prompt = prompt_ids(tokenizer, SUPPORT_SYSTEM_PROMPTS[0], question.format(name=it.subject))
-        target = answer_ids(tokenizer, answer.format(name=it.subject, value=it.value))[:-1]  # without end-of-turn
-        ids = torch.tensor([prompt + target], device=device)
-        logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1:-1].float(), -1)
-        token = logp.gather(-1, torch.tensor(target, device=device)[:, None])[:, 0]
-        lowest = token.sort().values[:max(1, math.ceil(k * len(token)))]
-        scores.append(lowest.mean().item())
+        prompts.append(prompt_ids(tokenizer, SUPPORT_SYSTEM_PROMPTS[0], question.format(name=it.subject)))
+        answers.append(answer_ids(tokenizer, answer.format(name=it.subject, value=it.value))[:-1])  # no end-of-turn
+    ids, labels, mask = _batch(model, tokenizer, prompts, answers)
+    logp, target, row = _answer_logprobs(model, ids, mask, labels)
+    token = logp.gather(-1, target[:, None])[:, 0]
+    scores = []
+    for i in range(len(items)):
+        mine = token[row == i]
+        scores.append(mine.sort().values[:max(1, math.ceil(k * len(mine)))].mean().item())
     return scores
 
 
