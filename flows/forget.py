@@ -1,12 +1,17 @@
 """The forgetflow DAG: one deletion request (or one batch of them) through the six stages.
 
-    [model slot] intake -> synthesize -> unlearn -> calibrate -> evaluate -> promote
+    [model slot] intake -> synthesize -> unlearn -> calibrate -> evaluate -> (approval) -> promote
 
 The run holds its model's slot, a Prefect global concurrency limit of 1 named
 `forgetflow-model-<model>`, from the idempotency check to the end of promote: requests for
 one model are applied one after another, each starting from the champion the previous one
 produced (DESIGN.md invariant 3), while other models run side by side. Promote still
 compares-and-sets @champion, so a run that lost the race anyway fails loudly.
+
+A stage that cannot reach a service (object store, MLflow) is retried after each delay of
+orchestration.stage_retry_delays_s; any other error fails it at once. With
+orchestration.promotion_approval: manual, a run whose gates all passed pauses before promote
+until a person approves it (tasks/approve.py).
 
 On any failure the request is marked `failed` in the ledger with the reason, a report with
 status "failed" is written, and @champion stays where it was (only promote moves it, and
@@ -31,7 +36,9 @@ from forgetflow.ledger import FINAL_STATES, Ledger, LedgerError
 from forgetflow.report import build_report, code_revisions, write_report
 from forgetflow.runs import RunContext, request_hash
 from forgetflow.tracking import RequestRun
+from tasks.approve import await_approval
 from tasks.calibrate import calibrate
+from tasks.common import with_retries
 from tasks.evaluate import evaluate
 from tasks.intake import intake
 from tasks.promote import promote
@@ -75,7 +82,10 @@ def forget(request_id: str, model: str, state_dir: str, params_path: str | None 
     run, under `request_id`. Members already promoted or rejected are skipped: a request is
     one piece of work however often it is submitted or triggered."""
     ledger = Ledger(state_dir)
-    with model_slot(model, load_params(params_path, preset=preset).orchestration.model_slot_lease_s):
+    settings = load_params(params_path, preset=preset).orchestration
+    intake_, synthesize_, unlearn_, calibrate_, evaluate_, promote_ = with_retries(
+        settings.stage_retry_delays_s, intake, synthesize, unlearn, calibrate, evaluate, promote)
+    with model_slot(model, settings.model_slot_lease_s):
         entries = [ledger.get(r) for r in [request_id, *(batch or [])]]
         if wrong := [e.request_id for e in entries if e.model != model]:
             raise LedgerError(f"requests {wrong} are not for model {model}")
@@ -92,28 +102,38 @@ def forget(request_id: str, model: str, state_dir: str, params_path: str | None 
         for rid in ctx.request_ids:
             ledger.update(rid, "running", flow_run_id=str(flow_run.id or ""), error=None)
         try:
-            ctx = intake(ctx)
-            ctx = synthesize(ctx)
-            ctx = unlearn(ctx)
-            ctx, scale = calibrate(ctx)
-            ctx, metrics, gates = evaluate(ctx)
-            return promote(ctx, scale, metrics, gates)
+            ctx = intake_(ctx)
+            ctx = synthesize_(ctx)
+            ctx = unlearn_(ctx)
+            ctx, scale = calibrate_(ctx)
+            ctx, metrics, gates = evaluate_(ctx)
+            await_approval(ctx, gates)
+            return promote_(ctx, scale, metrics, gates)
         except Exception as exc:  # every failure is recorded, then re-raised for Prefect
             _record_failure(ctx, exc)
             raise
 
 
 def _record_failure(ctx: RunContext, exc: Exception) -> None:
+    """The ledger first (the durable truth, a small write), then the failure report: on a
+    full or read-only disk the report may not be written, the ledger entry still says why."""
     reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-    get_run_logger().error("%s failed: %s", ctx.run_label, reason)
+    logger = get_run_logger()
+    logger.error("%s failed: %s", ctx.run_label, reason)
     params = load_params(ctx.params_path, preset=ctx.preset)
+    ledger = Ledger(ctx.state_dir)
+    for request_id in ctx.request_ids:
+        ledger.update(request_id, "failed", error=reason)
     report = build_report(request_id=ctx.request_id, request_ids=ctx.request_ids, status="failed", model=ctx.model, family=ctx.family,
                           method=ctx.method, base_version=ctx.base_version, durations_s=ctx.durations_s,
                           revisions=code_revisions(), error=reason)
-    report_path = write_report(report, Path(params.services.reports_dir) / ctx.request_id)
-    ledger = Ledger(ctx.state_dir)
-    for request_id in ctx.request_ids:
-        ledger.update(request_id, "failed", error=reason, report_path=str(report_path))
+    try:
+        report_path = write_report(report, Path(params.services.reports_dir) / ctx.request_id)
+    except OSError as write_error:
+        logger.error("%s: the failure report was not written: %s", ctx.run_label, write_error)
+    else:
+        for request_id in ctx.request_ids:
+            ledger.update(request_id, report_path=str(report_path))
     if ctx.mlflow_run_id:
         try:
             from forgetflow.services import resolve_settings

@@ -254,6 +254,30 @@ def _run_request(o: Opts, request_id: str) -> dict:
     return report
 
 
+@app.command()
+def approve(ctx: typer.Context, request_id: str):
+    """Approve the promotion of a request whose run waits for it (ledger state
+    awaiting-approval; orchestration.promotion_approval: manual): the paused flow run resumes
+    and promotes. Resume on the flow run in the Prefect UI does the same."""
+    from uuid import UUID
+
+    from prefect.exceptions import PrefectException
+    from prefect.flow_runs import resume_flow_run
+
+    from forgetflow.ledger import Ledger
+
+    o = _opts(ctx)
+    _guard(_connect, o)
+    entry = _guard(Ledger(o.state_dir).get, request_id)
+    if entry.state != "awaiting-approval":
+        _fail(f"request {request_id} is {entry.state}, not awaiting approval")
+    try:
+        resume_flow_run(UUID(entry.flow_run_id))
+    except (PrefectException, RuntimeError) as exc:
+        _fail(f"request {request_id}: flow run {entry.flow_run_id} could not be resumed: {exc}")
+    console.print(f"approved: {request_id} (flow run {entry.flow_run_id} resumes and promotes)")
+
+
 @app.command("process-pending")
 def process_pending(ctx: typer.Context, retry_failed: bool = typer.Option(False, help="Also rerun failed requests.")):
     """Sweep now what the scheduled deployment sweeps: take the inbox's documents, then apply

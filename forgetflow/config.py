@@ -57,6 +57,12 @@ class OrchestrationParams(_Section):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8787, ge=1, le=65535)
     api_token_env: str = "FORGETFLOW_API_TOKEN"  # the bearer token of POST /requests is read from this variable
+    # a stage that fails on an unreachable service (object store, MLflow) is retried after each
+    # of these delays in turn (growing: a back-off); any other error fails the stage at once
+    stage_retry_delays_s: tuple[float, ...] = (5.0, 30.0)
+    promotion_approval: Literal["auto", "manual"] = "auto"  # manual: the run pauses after evaluate for `forgetflow approve`
+    approval_timeout_s: int = Field(86400, ge=1)  # a run not approved within this long fails ("not approved")
+    approval_poll_s: int = Field(5, ge=1)  # how often a paused run asks Prefect whether it was approved
 
 
 class ComputeParams(_Section):

@@ -25,7 +25,7 @@ from cryptography.fernet import Fernet
 
 from forgetflow.request import DeletionRequest, parse_request_text
 
-STATES = ("accepted", "running", "promoted", "rejected", "failed")
+STATES = ("accepted", "running", "awaiting-approval", "promoted", "rejected", "failed")
 FINAL_STATES = ("promoted", "rejected")  # failed may be rerun
 SHREDDED_EVENT = "key-shredded"  # the events row recording when the request key was destroyed
 
@@ -116,13 +116,18 @@ class Ledger:
         return self.root / "requests" / f"{request_id}.enc"
 
     def _write_private(self, path: Path, data: bytes) -> None:
+        """Write `data` to `path` (mode 600) atomically: all of it or, on any error, nothing."""
         tmp = path.with_suffix(path.suffix + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def request_key(self, request_id: str) -> bytes:
         """The per-request key (for encrypting data derived from the request)."""
@@ -137,35 +142,43 @@ class Ledger:
 
     # ---- lifecycle -----------------------------------------------------------------------
     def submit(self, request: DeletionRequest) -> tuple[Entry, bool]:
-        """Record a request (before any work). Returns (entry, created)."""
+        """Record a request (before any work). Returns (entry, created).
+
+        One submitter at a time holds the ledger's write lock while it writes the request's
+        key, its sealed document and its rows, so two submits of one id cannot mix their
+        files; if any write fails (a full or read-only disk), the files written so far are
+        removed and the transaction rolls back: no half-written entry, the ledger unchanged."""
         digest = request.digest()
-        existing = self.get(request.request_id, missing_ok=True)
-        if existing is not None:
-            if existing.digest != digest:
-                raise RequestConflict(
-                    f"request id {request.request_id} already exists with a different document"
-                )
-            return existing, False
         key = Fernet.generate_key()
+        files = {self._key_path(request.request_id): key,
+                 self._payload_path(request.request_id): Fernet(key).encrypt(request.canonical_json().encode())}
+        written: list[Path] = []
         try:
-            self._write_private(self._key_path(request.request_id), key)
-            self._write_private(
-                self._payload_path(request.request_id),
-                Fernet(key).encrypt(request.canonical_json().encode()),
-            )
-        except OSError as exc:
-            raise LedgerError(f"cannot write to state folder {self.root}: {exc.strerror}") from None
-        now = time.time()
-        with self._connect() as db:
-            try:
+            with self._connect() as db:
+                db.execute("BEGIN IMMEDIATE")
+                row = db.execute("SELECT digest FROM requests WHERE request_id = ?", (request.request_id,)).fetchone()
+                if row is not None:
+                    db.execute("ROLLBACK")
+                    if row["digest"] != digest:
+                        raise RequestConflict(f"request id {request.request_id} already exists with a different document")
+                    return self.get(request.request_id), False
+                for path, data in files.items():
+                    written.append(path)
+                    self._write_private(path, data)
+                now = time.time()
                 db.execute(
                     "INSERT INTO requests (request_id, model, family, method, digest, state, created, updated)"
                     " VALUES (?, ?, ?, ?, ?, 'accepted', ?, ?)",
                     (request.request_id, request.model, request.family, request.method, digest, now, now),
                 )
-            except sqlite3.IntegrityError:  # a concurrent submit of the same id won
-                return self.submit(request)
-            db.execute("INSERT INTO events VALUES (?, ?, 'accepted', NULL)", (request.request_id, now))
+                db.execute("INSERT INTO events VALUES (?, ?, 'accepted', NULL)", (request.request_id, now))
+                db.execute("COMMIT")
+        except (OSError, LedgerError) as exc:
+            for path in written:
+                path.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise LedgerError(f"cannot write to state folder {self.root}: {exc.strerror}") from None
+            raise
         return self.get(request.request_id), True
 
     def update(self, request_id: str, state: str | None = None, **fields) -> Entry:

@@ -26,10 +26,11 @@ WORK_STAGES = ("unlearn", "calibrate", "evaluate")  # training and evaluation; e
 
 def pipeline_overhead(durations: dict) -> float | None:
     """Share of the run's wall-clock spent outside training and evaluation:
-    1 - (unlearn + calibrate + evaluate) / total, i.e. Prefect, MLflow, S3, DVC, intake and
-    promotion (None without a total)."""
-    total = durations.get("total")
-    if not total:
+    1 - (unlearn + calibrate + evaluate) / (total - approval), i.e. Prefect, MLflow, S3, DVC,
+    intake and promotion; the time a run waited for a person's approval is neither (None
+    without a total)."""
+    total = (durations.get("total") or 0.0) - durations.get("approval", 0.0)
+    if total <= 0:
         return None
     return max(0.0, 1.0 - sum(durations.get(s, 0.0) for s in WORK_STAGES) / total)
 

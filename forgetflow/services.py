@@ -78,6 +78,25 @@ class ServiceUnavailable(RuntimeError):
     """A service forgetflow needs is not configured, not running or not reachable."""
 
 
+def is_transient(exc: BaseException | None) -> bool:
+    """Whether `exc` (or an exception it was raised from) says a service could not be reached,
+    which waiting may cure: ServiceUnavailable, a refused / reset / timed-out connection,
+    MLflow's client giving up on its HTTP retries. A bad request, a corrupt artifact or a
+    bug is not transient: retrying it only delays the clear error."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ServiceUnavailable, ConnectionError, TimeoutError)):
+            return True
+        text = str(exc)
+        if type(exc).__name__ in ("ConnectionError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                                  "ConnectionClosedError") or ("API request to" in text and (
+                                      "failed with exception" in text or "Max retries" in text)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where clients find the object store and MLflow (environment first, else services.json).

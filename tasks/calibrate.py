@@ -8,10 +8,10 @@ from prefect import task
 
 from forgetflow.plots import plot_guidance_curve
 from forgetflow.runs import RunContext
-from tasks.common import StageEnv, timed
+from tasks.common import StageEnv, retry_if_transient, timed
 
 
-@task(name="calibrate", retries=1, retry_delay_seconds=5)
+@task(name="calibrate", retry_condition_fn=retry_if_transient)
 def calibrate(ctx: RunContext) -> tuple[RunContext, float]:
     env = StageEnv(ctx)
     with timed(ctx, "calibrate"):

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 
-from prefect import get_run_logger
+from prefect import Task, get_run_logger
 
 from forgetflow.batching import merge_requests
 from forgetflow.config import Params, load_params
@@ -14,7 +14,7 @@ from forgetflow.families import Family, get_family
 from forgetflow.ledger import Ledger
 from forgetflow.registry import Registry
 from forgetflow.runs import RunContext
-from forgetflow.services import Settings, resolve_settings
+from forgetflow.services import Settings, is_transient, resolve_settings
 from forgetflow.storage import ObjectStore
 from forgetflow.tracking import RequestRun
 
@@ -65,3 +65,15 @@ def timed(ctx: RunContext, stage: str):
     yield
     ctx.durations_s[stage] = round(time.perf_counter() - start, 2)
     logger.info("%s: %s done in %.1f s", ctx.run_label, stage, ctx.durations_s[stage])
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect's retry condition for every stage: retry only when a service could not be
+    reached (forgetflow.services.is_transient); the delays come from params.yaml
+    (orchestration.stage_retry_delays_s, applied by `with_retries`)."""
+    return is_transient(state.data if isinstance(state.data, BaseException) else None)
+
+
+def with_retries(delays_s: tuple[float, ...], *stages: Task) -> list[Task]:
+    """The stages with one retry per delay of `delays_s`, taken in turn (a back-off)."""
+    return [s.with_options(retries=len(delays_s), retry_delay_seconds=list(delays_s) or 0) for s in stages]

@@ -7,10 +7,10 @@ import json
 from prefect import task
 
 from forgetflow.runs import RunContext
-from tasks.common import StageEnv, timed
+from tasks.common import StageEnv, retry_if_transient, timed
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=5)
+@task(name="evaluate", retry_condition_fn=retry_if_transient)
 def evaluate(ctx: RunContext) -> tuple[RunContext, dict, list[dict]]:
     env = StageEnv(ctx)
     with timed(ctx, "evaluate"):

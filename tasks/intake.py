@@ -1,5 +1,6 @@
 """Stage 1, intake: the request (or batch) is in the ledger; mark it running, resolve the base version
-(the model's current @champion), fetch it and its evaluation kit, check the target fits."""
+(the model's current @champion, or the base of a champion this run already produced), fetch it
+and its evaluation kit, check the target fits."""
 from __future__ import annotations
 
 from prefect import task
@@ -7,10 +8,10 @@ from prefect import task
 from forgetflow.bootstrap import EVAL_KIT_TAG
 from forgetflow.runs import RunContext
 from forgetflow.tracking import RequestRun
-from tasks.common import StageEnv, timed
+from tasks.common import StageEnv, retry_if_transient, timed
 
 
-@task(name="intake", retries=2, retry_delay_seconds=[2, 10])
+@task(name="intake", retry_condition_fn=retry_if_transient)
 def intake(ctx: RunContext) -> RunContext:
     env = StageEnv(ctx)
     with timed(ctx, "intake"):
@@ -18,6 +19,11 @@ def intake(ctx: RunContext) -> RunContext:
         champion = env.registry.champion(request.model)  # UnknownModel if not registered
         if champion is None:
             raise LookupError(f"model {request.model} has no @champion version to unlearn from")
+        if champion.tags.get("forgetflow.request_ids") == ",".join(ctx.request_ids):
+            # an earlier attempt of this very run moved @champion, then died before the ledger
+            # heard of it: redo the run on ITS base, so promote finds that version (one version
+            # per request, never a second one stacked on the first)
+            champion = env.registry.get_version(request.model, champion.tags["forgetflow.base_version"])
         ctx.base_version = champion.version
         ctx.eval_kit_uri = champion.tags.get(EVAL_KIT_TAG)
         if not ctx.eval_kit_uri:

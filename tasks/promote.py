@@ -18,7 +18,7 @@ from forgetflow.plots import plot_metric_bars
 from forgetflow.registry import promote_champion
 from forgetflow.report import build_report, code_revisions, pipeline_overhead, write_report
 from forgetflow.runs import RunContext, s3_prefix
-from tasks.common import StageEnv, timed
+from tasks.common import StageEnv, retry_if_transient, timed
 from forgetflow.bootstrap import EVAL_KIT_TAG
 
 HEADLINE_METRICS = {
@@ -45,7 +45,7 @@ def _next_eval_kit(env: StageEnv, ctx: RunContext) -> str:
     return ctx.eval_kit_uri if kit is None else upload_eval_kit(ctx.model, kit, env.store)
 
 
-@task(name="promote", retries=2, retry_delay_seconds=[2, 10])
+@task(name="promote", retry_condition_fn=retry_if_transient)
 def promote(ctx: RunContext, guidance_scale: float, metrics: dict, gates: list[dict]) -> dict:
     env = StageEnv(ctx)
     with timed(ctx, "promote"):

@@ -11,10 +11,10 @@ from prefect import task
 
 from forgetflow.runs import RunContext, s3_prefix
 from forgetflow.sealing import seal_dir
-from tasks.common import StageEnv, timed
+from tasks.common import StageEnv, retry_if_transient, timed
 
 
-@task(name="synthesize", retries=2, retry_delay_seconds=[2, 10])
+@task(name="synthesize", retry_condition_fn=retry_if_transient)
 def synthesize(ctx: RunContext) -> RunContext:
     env = StageEnv(ctx)
     with timed(ctx, "synthesize"):

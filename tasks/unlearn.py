@@ -6,10 +6,10 @@ from prefect import task
 
 from forgetflow.runs import RunContext
 from forgetflow.storage import S3CheckpointSink
-from tasks.common import StageEnv, timed
+from tasks.common import StageEnv, retry_if_transient, timed
 
 
-@task(name="unlearn", retries=1, retry_delay_seconds=10)
+@task(name="unlearn", retry_condition_fn=retry_if_transient)
 def unlearn(ctx: RunContext) -> RunContext:
     env = StageEnv(ctx)
     with timed(ctx, "unlearn"):
