@@ -87,12 +87,13 @@ def _guard(fn, *args, **kwargs):
         _fail(str(exc))
 
 
-def _connect(o: Opts):
-    """Point boto3 / MLflow / DVC clients at the configured services (env wins)."""
+def _connect(o: Opts, probe: bool = True):
+    """Point boto3 / MLflow / DVC / Prefect clients at the configured services (env wins);
+    with `probe`, first check that they answer."""
     from forgetflow import services
 
     params = load_params(o.params_path, preset=o.preset)
-    settings = services.resolve_settings(params, o.state_dir)
+    settings = services.resolve_settings(params, o.state_dir, probe=probe)
     services.apply_settings_env(settings)
     return params, settings
 
@@ -202,14 +203,14 @@ def request_submit(ctx: typer.Context, file: Path, run_now: bool = typer.Option(
     o = _opts(ctx)
     request = _guard(load_request, file)
     if run_now:
-        entry, created = _guard(Ledger(o.state_dir).submit, request)
+        entry, created = _guard(lambda: Ledger(o.state_dir).submit(request))
         console.print(f"request {entry.request_id}: {'accepted' if created else 'already known, ' + entry.state}")
         _run_request(o, entry.request_id)
         return
     _announce_env(o)
     from flows.triggers import submit_request
 
-    entry, created, announced = _guard(submit_request, request, Ledger(o.state_dir))
+    entry, created, announced = _guard(lambda: submit_request(request, Ledger(o.state_dir)))
     if not created:
         console.print(f"request {entry.request_id}: already known, {entry.state} (nothing new is started)")
     elif announced:
@@ -240,7 +241,7 @@ def _run_request(o: Opts, request_id: str) -> dict:
     from forgetflow.ledger import Ledger
 
     _guard(_connect, o)
-    entry = _guard(Ledger(o.state_dir).get, request_id)
+    entry = _guard(lambda: Ledger(o.state_dir).get(request_id))
     from flows.forget import forget
 
     try:
@@ -267,8 +268,8 @@ def approve(ctx: typer.Context, request_id: str):
     from forgetflow.ledger import Ledger
 
     o = _opts(ctx)
-    _guard(_connect, o)
-    entry = _guard(Ledger(o.state_dir).get, request_id)
+    _guard(_connect, o, probe=False)  # only Prefect is needed here
+    entry = _guard(lambda: Ledger(o.state_dir).get(request_id))
     if entry.state != "awaiting-approval":
         _fail(f"request {request_id} is {entry.state}, not awaiting approval")
     try:
@@ -349,7 +350,7 @@ def status(ctx: typer.Context, request_id: str = typer.Argument(None)):
     info = services.status(Path(o.state_dir))
     if info is not None and request_id is None:
         _print_services(info)
-    ledger = Ledger(o.state_dir)
+    ledger = _guard(Ledger, o.state_dir)
     entries = [_guard(ledger.get, request_id)] if request_id else ledger.list()
     table = Table("request", "model", "state", "base", "new", "flow run", "report", "error")
     short = request_id is None  # the overview shortens run ids and errors; one request shows them whole
@@ -462,7 +463,7 @@ def demo(ctx: typer.Context, quick: bool = typer.Option(False, "--quick", help="
         ensure = ensure_demo_model if fam == "diffusion" else ensure_demo_llm
         _guard(ensure, name, params, settings, Path("artifacts") / name)
         request = parse_request(_demo_request(fam, name, params, forget_class))
-        entry, _ = _guard(Ledger(o.state_dir).submit, request)
+        entry, _ = _guard(lambda: Ledger(o.state_dir).submit(request))
         _run_request(o, entry.request_id)
     _print_services(info)
     console.print("services keep running; stop them with `forgetflow down`.")

@@ -69,7 +69,7 @@ def reverify_cmd(ctx: typer.Context, request_id: str,
 
     cli, o = _cli(), ctx.obj
     params, settings = cli._guard(cli._connect, o)
-    entry = cli._guard(Ledger(o.state_dir).get, request_id)
+    entry = cli._guard(lambda: Ledger(o.state_dir).get(request_id))
     if not entry.report_path:
         cli._fail(f"request {request_id} is {entry.state}: it has no certificate yet")
     cert_path = Path(entry.report_path).parent / CERTIFICATE_FILE

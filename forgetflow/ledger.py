@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,13 +100,26 @@ class Ledger:
             db.execute("PRAGMA journal_mode=WAL")
             db.row_factory = sqlite3.Row
         except sqlite3.Error as exc:
-            raise LedgerError(f"cannot open the ledger {self.db_path}: {exc}") from None
+            raise LedgerError(f"cannot open the ledger {self.db_path}: {exc}{self._disk_problem()}") from None
         try:
             yield db
         except sqlite3.OperationalError as exc:
-            raise LedgerError(f"ledger write failed ({self.db_path}): {exc}") from None
+            raise LedgerError(f"ledger write failed ({self.db_path}): {exc}{self._disk_problem()}") from None
         finally:
             db.close()
+
+    def _disk_problem(self) -> str:
+        """What the file system says is wrong with the state folder (sqlite often reports a
+        full or read-only disk only as 'disk I/O error')."""
+        try:
+            fs = os.statvfs(self.root)
+        except OSError:
+            return ""
+        if fs.f_flag & os.ST_RDONLY:
+            return " (the state folder is on a read-only file system)"
+        if fs.f_bavail * fs.f_frsize < 1 << 20:
+            return f" (no space left on device: {fs.f_bavail * fs.f_frsize // 1024} KiB free)"
+        return ""
 
     # ---- encrypted payload -------------------------------------------------------------
     def _key_path(self, request_id: str) -> Path:
@@ -126,7 +139,8 @@ class Ledger:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
         except OSError:
-            tmp.unlink(missing_ok=True)
+            with suppress(OSError):  # on a read-only disk even this fails: nothing was written
+                tmp.unlink(missing_ok=True)
             raise
 
     def request_key(self, request_id: str) -> bytes:
@@ -175,7 +189,8 @@ class Ledger:
                 db.execute("COMMIT")
         except (OSError, LedgerError) as exc:
             for path in written:
-                path.unlink(missing_ok=True)
+                with suppress(OSError):
+                    path.unlink(missing_ok=True)
             if isinstance(exc, OSError):
                 raise LedgerError(f"cannot write to state folder {self.root}: {exc.strerror}") from None
             raise

@@ -748,24 +748,27 @@ def up(params: Params, state_dir: str | Path | None = None, *, ports: dict[str, 
                            prefect_api_url=pf.endpoint if pf else None)
 
 
-def down(state_dir: str | Path | None = None, *, timeout_s: float = 30.0) -> list[str]:
+def down(state_dir: str | Path | None = None, *, timeout_s: float = 30.0,
+         only: tuple[str, ...] | None = None) -> list[str]:
     """Stop exactly the recorded processes (SIGTERM to each one's process group, wait up to
-    timeout_s, then SIGKILL) and remove their records. Idempotent: returns the names of the
-    services that were running (empty when nothing was)."""
+    timeout_s, then SIGKILL) and remove their records; with `only`, just the services named
+    there (`up` restarts them on their recorded ports when free). Idempotent: returns the
+    names of the services that were running (empty when nothing was)."""
     state = _state_path(None, state_dir)
     if not (state / SERVICES_FILE).exists():
         return []
     with _locked(state):
         data = _read_state(state)
         records = _records(data)
-        running = [r for r in records.values() if r.alive()]
+        chosen = {n: r for n, r in records.items() if only is None or n in only}
+        running = [r for r in chosen.values() if r.alive()]
         # the object store last: MLflow is its client
         running.sort(key=lambda r: r.name == SEAWEEDFS)
         _stop(running, timeout_s)
-        weed = records.get(SEAWEEDFS)
+        weed = chosen.get(SEAWEEDFS)
         if weed is not None and not weed.alive():
             _remove_weed_sockets(weed.ports)
-        data["services"] = {}
+        data["services"] = {n: _record_dict(r) for n, r in records.items() if n not in chosen}
         _write_state(state, data)
         return [r.name for r in running]
 

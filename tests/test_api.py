@@ -5,6 +5,8 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from forgetflow.api import ApiConfigError, create_app
 from forgetflow.config import load_params
@@ -72,3 +74,43 @@ def test_the_api_refuses_to_start_without_a_token(tmp_path, monkeypatch):
     monkeypatch.delenv("FORGETFLOW_API_TOKEN", raising=False)
     with pytest.raises(ApiConfigError, match="FORGETFLOW_API_TOKEN"):
         create_app(load_params(), str(tmp_path))
+
+
+DOCUMENTS = st.one_of(
+    st.text(max_size=300), st.binary(max_size=300),
+    st.fixed_dictionaries({"request_id": st.text(max_size=40), "model": st.text(max_size=20),
+                           "target": st.dictionaries(st.sampled_from(["kind", "classes", "subjects", "scope", "x"]),
+                                                     st.one_of(st.text(max_size=12), st.lists(st.integers(-3, 12),
+                                                                                              max_size=4)),
+                                                     max_size=3)},
+                          optional={"surprise": st.integers()}).map(json.dumps),
+    st.sampled_from(["a: &a [1]\nb: *a\n", "request_id: ../../x\nmodel: m\n", "\ufeff{}", "{" * 500]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=DOCUMENTS, content_type=st.sampled_from(["application/json", "application/yaml", "text/plain"]))
+def test_any_body_is_accepted_or_refused_with_a_reason_never_a_crash(client, body, content_type):
+    """Whatever arrives: 202 with a ledger entry, or a 4xx whose detail names the problem and
+    no new entry; never a 500, never a half-written entry."""
+    http, state = client
+    before = {e.request_id for e in Ledger(state).list()}
+    response = post(http, body, content_type=content_type)
+    after = {e.request_id for e in Ledger(state).list()}
+    assert response.status_code in (202, 400, 409, 413), response.text
+    if response.status_code == 202:
+        assert response.json()["request_id"] in after and after - before <= {response.json()["request_id"]}
+    else:
+        assert after == before and response.json()["detail"].startswith(("invalid request", "cannot read",
+                                                                          "request document", "request id"))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request_id=st.one_of(st.text(min_size=1, max_size=60), st.sampled_from(["../ledger.db", "..%2Fkeys", "%00"]))
+       .filter(lambda s: s.strip(".")))
+def test_status_of_any_unknown_id_is_a_404_never_a_crash(client, request_id):
+    from urllib.parse import quote
+
+    http, _ = client
+    response = http.get(f"/requests/{quote(request_id, safe='')}", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 404, response.text
+    assert response.json()["detail"] == "Not Found" or "unknown request id" in response.json()["detail"]
