@@ -6,8 +6,9 @@ object store and MLflow: `forgetflow serve` runs the two deployments in a subpro
   v3 -> v4, each version forgot its request and everything before (re-measured on the final
   champion), the two models trained side by side, one model's runs one after another;
   a duplicate submission starts nothing and a trigger firing twice makes no second version.
-- batch: five documents dropped in the inbox and the cron firing yield one batched run and
-  one version that forgot all five.
+- burst (load): 50 documents dropped in the inbox at once, ten of them twice, and the cron
+  firing yield one batched run and one version that forgot all their classes; none lost,
+  none applied twice.
 Tiny presets; about 15 minutes on 2 cores.
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.services]
 PROJECT = Path(__file__).resolve().parent.parent
 CHAIN, SIDE, BATCHED = "digits-chain", "digits-side", "digits-batched"
 CHAIN_CLASSES = {"chain-7": 7, "chain-3": 3, "chain-5": 5}  # submitted in this order
-BATCH_CLASSES = {"batch-a": 0, "batch-b": 2, "batch-c": 4, "batch-d": 6, "batch-e": 9}
+BURST, BURST_CLASSES = 50, (0, 2, 4, 6, 9)  # the load test: 50 requests, ten per class
 NEVER = "0 0 1 1 *"  # the chain test's sweep: not while it runs (it would batch the chain)
 WAIT_S = 1500
 TOKEN = "orchestration-test-token"
@@ -51,10 +52,10 @@ def doc(request_id: str, model: str, cls: int) -> dict:
     return {"request_id": request_id, "model": model, "target": {"kind": "diffusion-class", "classes": [cls]}}
 
 
-def params_file(directory: Path, cron: str) -> Path:
+def params_file(directory: Path, cron: str, **orchestration) -> Path:
     data = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    data["orchestration"]["process_pending_cron"] = cron
-    path = directory / f"params-{abs(hash(cron))}.yaml"
+    data["orchestration"].update(process_pending_cron=cron, **orchestration)
+    path = directory / f"params-{abs(hash((cron, *orchestration.items())))}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -279,25 +280,49 @@ def test_status_lists_every_request_with_its_run_version_and_report(chain):
         assert "promoted" in line and entry.new_version in line and entry.flow_run_id[:8] in line, line
 
 
-def test_the_schedule_applies_five_inbox_requests_in_one_run(workspace, service_settings, services):
+def test_a_burst_of_fifty_inbox_requests_is_applied_by_one_scheduled_run(workspace, service_settings, services):
+    """Load: 50 requests (each forgetting one of five classes) dropped into the inbox at once by
+    eight clients, ten of them twice (a client retrying), and one document that is not a
+    request, between two sweeps of the served schedule: every request ends promoted by the
+    one batched run, none lost, none applied twice; the bad document is set aside with its
+    reason."""
+    from concurrent.futures import ThreadPoolExecutor
+
     workdir, state_dir = workspace
-    params = load_params(preset="tiny")
+    inbox = load_params(preset="tiny").orchestration.inbox_prefix
     store = ObjectStore(service_settings)
-    for i, (request_id, cls) in enumerate(BATCH_CLASSES.items()):
-        store.put_bytes(json.dumps(doc(request_id, BATCHED, cls)).encode(), f"{params.orchestration.inbox_prefix}/{i}.json")
-    with served(workdir, state_dir, params_file(workdir, "* * * * *")) as (_, log):
-        entries = wait_final(state_dir, list(BATCH_CLASSES), log)
-    assert {e.state for e in entries.values()} == {"promoted"}, {i: e.error for i, e in entries.items()}
+    docs = {f"burst-{i:02d}": doc(f"burst-{i:02d}", BATCHED, BURST_CLASSES[i % len(BURST_CLASSES)])
+            for i in range(BURST)}
+    uploads = [(f"{inbox}/{rid}.json", body) for rid, body in docs.items()]
+    uploads += [(f"{inbox}/{rid}-retry.json", docs[rid]) for rid in list(docs)[:10]]
+    with served(workdir, state_dir, params_file(workdir, "* * * * *", max_batch_requests=BURST)) as (_, log):
+        while not 10 <= time.time() % 60 <= 40:  # between two sweeps (they start on the minute)
+            time.sleep(1)
+        started = time.time()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda item: store.put_bytes(json.dumps(item[1]).encode(), item[0]), uploads))
+        store.put_bytes(b"request_id: [unclosed\n", f"{inbox}/not-a-request.yaml")
+        burst_s = time.time() - started
+        entries = wait_final(state_dir, list(docs), log)
+        elapsed = time.time() - started
+    print(f"burst: {BURST} requests (+10 duplicates) uploaded in {burst_s:.1f} s; all promoted {elapsed:.0f} s later "
+          f"({BURST / elapsed * 3600:.0f} requests/hour on 2 cores, tiny preset, one batched run)")
+    assert {e.state for e in entries.values()} == {"promoted"}, {i: e.error for i, e in entries.items() if e.error}
+    assert sorted(e.request_id for e in Ledger(state_dir).list(model=BATCHED)) == sorted(docs)  # none lost, none extra
     assert {e.new_version for e in entries.values()} == {"2"}
-    assert store.list(params.orchestration.inbox_prefix) == []
+    assert store.list(inbox) == []
+    assert store.exists(f"{inbox}-refused/not-a-request.yaml")
+    assert "malformed" in store.get_bytes(f"{inbox}-refused/not-a-request.yaml.reason.txt").decode()
     batched = runs_named(f"forget-{BATCHED}-")
-    assert [r.name for r in batched] == [f"forget-{BATCHED}-{request_hash('batch-a')}+4"]
+    assert [r.name for r in batched] == [f"forget-{BATCHED}-{request_hash('burst-00')}+{BURST - 1}"]
     registry = Registry(services.mlflow_uri)
     assert [v.version for v in registry.versions(BATCHED)] == ["1", "2"]
-    assert sorted(registry.get_version(BATCHED, "2").tags["forgetflow.request_ids"].split(",")) == sorted(BATCH_CLASSES)
-    report = json.loads(Path(entries["batch-a"].report_path).read_text())
-    assert report["status"] == "promoted" and sorted(report["request_ids"]) == sorted(BATCH_CLASSES)
+    assert sorted(registry.get_version(BATCHED, "2").tags["forgetflow.request_ids"].split(",")) == sorted(docs)
+    report = json.loads(Path(entries["burst-00"].report_path).read_text())
+    assert report["status"] == "promoted" and sorted(report["request_ids"]) == sorted(docs)
     assert all(g["passed"] for g in report["gates"]), report["gates"]
+    card = json.loads((registry.download(BATCHED, "2", workdir / "burst-v2") / "model_card.json").read_text())
+    assert sorted(p["forget_class"] for p in card["forgotten"]) == sorted(BURST_CLASSES)
 
 
 def test_deploy_registers_both_deployments_on_the_work_pool(services, tmp_path):
