@@ -7,7 +7,8 @@ services and the tiny preset, one request through three runs:
 2. with the store back, the rerun resumes from the checkpoint, pauses for approval after
    evaluate, MLflow is stopped, the run is approved: promote is retried, then fails cleanly,
    and no version of the request was registered or serves;
-3. with MLflow back, the rerun promotes exactly once."""
+3. with MLflow back, and even after a crash that left the version registered and @champion
+   moved without the ledger knowing, the rerun promotes exactly once."""
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ import pytest
 import yaml
 
 from forgetflow import services as svc
+from forgetflow.bootstrap import EVAL_KIT_TAG
 from forgetflow.config import load_params
 from forgetflow.ledger import Ledger
 from forgetflow.registry import Registry
@@ -147,7 +149,15 @@ def test_a_store_outage_then_an_mlflow_outage_fail_cleanly_and_the_rerun_promote
     again = forgetflow(workdir, state_dir, "approve", REQUEST)  # nothing waits any more
     assert again.returncode == 1 and "is failed, not awaiting approval" in again.stderr
 
-    # 3. the rerun promotes, once
+    # the worst moment to die: promote had registered the version and moved @champion, and
+    # the ledger never heard of it (a crash right after promote_champion leaves this behind)
+    final = ObjectStore(services.settings()).get_dir(f"{MODEL}/{REQUEST}/final", workdir / "final")
+    crashed = registry.register(MODEL, final, tags={
+        "forgetflow.request_id": REQUEST, "forgetflow.request_ids": REQUEST, "forgetflow.base_version": "1",
+        EVAL_KIT_TAG: registry.get_version(MODEL, "1").tags[EVAL_KIT_TAG]})
+    registry.set_alias(MODEL, "champion", crashed)
+
+    # 3. the rerun finishes that promotion: still one version of the request
     out = forgetflow(workdir, state_dir, "--params", str(workdir / "auto.yaml"), "run", REQUEST)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     entry = ledger.get(REQUEST)

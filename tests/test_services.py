@@ -177,3 +177,28 @@ def test_second_instance_in_parallel_outlives_its_starter_and_down_stops_exactly
     # the session's services were not touched
     assert all(psutil.pid_exists(pid) for pid in services.pids.values())
     assert svc.status(services.state_dir).pids == services.pids
+
+
+def test_only_unreachable_services_count_as_transient():
+    """What the stages retry (tasks/common.py retry_if_transient): a service that did not
+    answer, however deep in the chain of causes; never a bad request or a corrupt artifact."""
+    from mlflow.exceptions import MlflowException
+
+    from forgetflow.families import TargetError
+    from forgetflow.services import is_transient
+    from forgetflow.storage import CorruptArtifact
+
+    def raised_from(cause: BaseException) -> RuntimeError:
+        try:
+            raise RuntimeError("stage failed") from cause
+        except RuntimeError as exc:
+            return exc
+
+    assert is_transient(ServiceUnavailable("object store at http://127.0.0.1:9 is not reachable"))
+    assert is_transient(raised_from(ConnectionRefusedError(111, "Connection refused")))
+    assert is_transient(MlflowException("API request to http://127.0.0.1:9/api/2.0/mlflow/runs/get failed with "
+                                        "exception HTTPConnectionPool(...): Max retries exceeded"))
+    assert not is_transient(TargetError("class 12 is not in model digits"))
+    assert not is_transient(raised_from(CorruptArtifact("step-00000040/state.pt: content does not match")))
+    assert not is_transient(MlflowException("RESOURCE_DOES_NOT_EXIST: run abc not found"))
+    assert not is_transient(None)
