@@ -36,7 +36,7 @@ from forgetflow.ledger import FINAL_STATES, Ledger, LedgerError
 from forgetflow.report import build_report, code_revisions, write_report
 from forgetflow.runs import RunContext, request_hash
 from forgetflow.tracking import RequestRun
-from tasks.approve import await_approval
+from tasks.approve import await_approval, check_approval_possible
 from tasks.calibrate import calibrate
 from tasks.common import with_retries
 from tasks.evaluate import evaluate
@@ -83,6 +83,7 @@ def forget(request_id: str, model: str, state_dir: str, params_path: str | None 
     one piece of work however often it is submitted or triggered."""
     ledger = Ledger(state_dir)
     settings = load_params(params_path, preset=preset).orchestration
+    check_approval_possible(settings)
     intake_, synthesize_, unlearn_, calibrate_, evaluate_, promote_ = with_retries(
         settings.stage_retry_delays_s, intake, synthesize, unlearn, calibrate, evaluate, promote)
     with model_slot(model, settings.model_slot_lease_s):

@@ -9,13 +9,27 @@ from __future__ import annotations
 
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
+from prefect.settings import PREFECT_API_URL
 
+from forgetflow.config import OrchestrationParams
 from forgetflow.runs import RunContext
 from tasks.common import StageEnv, timed
 
 
 class ApprovalTimeout(RuntimeError):
     """Nobody approved the promotion in time."""
+
+
+class ApprovalUnavailable(RuntimeError):
+    """Manual approval is configured but nobody could give it (no Prefect server)."""
+
+
+def check_approval_possible(settings: OrchestrationParams) -> None:
+    """Refuse a manual-approval run before it trains when there is no Prefect server: a run
+    paused on Prefect's ephemeral in-process API cannot be resumed from anywhere else."""
+    if settings.promotion_approval == "manual" and not PREFECT_API_URL.value():
+        raise ApprovalUnavailable("orchestration.promotion_approval is manual but no Prefect server is configured "
+                                  "(PREFECT_API_URL): run `forgetflow up`, or set promotion_approval: auto")
 
 
 def await_approval(ctx: RunContext, gates: list[dict]) -> None:
