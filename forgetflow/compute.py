@@ -10,6 +10,7 @@ import contextlib
 import torch
 
 from forgetflow.config import ComputeParams
+from forgetflow.distributed import average_gradients
 
 
 def resolve_device(compute: ComputeParams) -> torch.device:
@@ -50,9 +51,12 @@ def grad_scaler(device: torch.device, compute: ComputeParams) -> torch.amp.GradS
 
 def clipped_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                  parameters, max_norm: float) -> None:
-    """backward (scaled under fp16), gradient-norm clipping on the unscaled gradients, step."""
+    """backward (scaled under fp16), gradients averaged over data-parallel ranks (if any),
+    gradient-norm clipping on the unscaled gradients, step."""
+    parameters = list(parameters)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    average_gradients(parameters)
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(parameters, max_norm)
     scaler.step(optimizer)

@@ -64,6 +64,7 @@ class ObjectStore:
         from botocore.config import Config
 
         self.settings = settings
+        self._options = {"connect_timeout": connect_timeout, "read_timeout": read_timeout, "max_attempts": max_attempts}
         self.bucket = settings.bucket
         self.endpoint = settings.s3_endpoint
         config = Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
@@ -74,6 +75,10 @@ class ObjectStore:
             aws_secret_access_key=settings.secret_key, region_name=settings.region, config=config)
         self.transfer = TransferConfig(multipart_threshold=8 * _MB, multipart_chunksize=8 * _MB, max_concurrency=4)
         self.client.meta.events.register_first("needs-retry.s3", self._refused_is_final)
+
+    def __reduce__(self):
+        """Pickled as its settings (a training process on another rank opens its own client)."""
+        return _store_from, (self.settings, self._options)
 
     def _refused_is_final(self, caught_exception=None, **_) -> None:
         """A refused connection means nothing listens there (a stopped store): fail at once
@@ -298,6 +303,10 @@ def move_into(staging: Path, dst: Path) -> None:
         os.replace(item, target)
 
 
+def _store_from(settings: Settings, options: dict) -> "ObjectStore":
+    return ObjectStore(settings, **options)
+
+
 class S3CheckpointSink:
     """forgetflow.checkpoints.CheckpointSink on the object store:
     `<model>/<request_id>/checkpoints/step-<8 digits>/` each with its manifest (a checkpoint
@@ -312,6 +321,9 @@ class S3CheckpointSink:
         self.root = _join(model, request_id)
         self._cache_dir = Path(cache_dir) if cache_dir else None
         self._tmp: tempfile.TemporaryDirectory | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tmp": None}  # a copy in another process keeps its own local copies
 
     def step_prefix(self, step: int) -> str:
         return _join(self.root, "checkpoints", f"step-{int(step):08d}")

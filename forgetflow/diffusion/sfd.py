@@ -34,6 +34,7 @@ from diffusers.training_utils import EMAModel
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from forgetflow import distributed
 from forgetflow.checkpoints import CheckpointSink
 from forgetflow.compute import autocast, grad_scaler, resolve_device
 from forgetflow.config import Params, SFDParams
@@ -43,6 +44,7 @@ from forgetflow.diffusion.sampling import denoise, generate_one_step, t_for_sigm
 from forgetflow.diffusion.train_base import TRAINING_LOG, optimizer_step
 
 STATE_FILE = "state.pt"
+RESEED_STRIDE = 7919  # a checkpoint resumed on another number of processes reseeds rank r at seed + r + stride * step
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,8 @@ class SFD:
                 *, device: torch.device | None = None, checkpoints: CheckpointSink | None = None,
                 progress: bool = True) -> Path:
         """The method-registry entry point (see methods.py)."""
-        return train_sfd(base_dir, out_dir, forget_pairs, params, device=device,
-                         checkpoints=checkpoints, progress=progress, method=cls.name)
+        return distributed.launch(train_sfd, base_dir, out_dir, forget_pairs, params, compute=params.compute,
+                                  device=device, checkpoints=checkpoints, progress=progress, method=cls.name)
 
 
 class SFDTwoStage(SFD):
@@ -149,7 +151,10 @@ class _Batcher:
     """Draws the labels, noise and timesteps of one iteration from one torch.Generator."""
 
     def __init__(self, pairs: dict[int, int], num_classes: int, sfd: SFDParams, t_range: tuple[int, int],
-                 image_size: int, rng: torch.Generator, device: torch.device):
+                 image_size: int, rng: torch.Generator, device: torch.device, rank: int = 0, ranks: int = 1):
+        """Rank `rank` of `ranks` data-parallel processes draws its share of the recipe's batch
+        (shares differ by one row at most when the batch does not divide evenly)."""
+        self.n_keep, self.n_forget = (n // ranks + (rank < n % ranks) for n in (sfd.batch_remaining, sfd.batch_forget))
         self.rng, self.device, self.sfd, self.t_range = rng, device, sfd, t_range
         self.shape = (1, image_size, image_size)
         self.all = torch.arange(num_classes, device=device)
@@ -162,7 +167,7 @@ class _Batcher:
 
     def labels(self, forget: bool) -> tuple[Tensor, Tensor, Tensor]:
         """(generator/fake labels, teacher labels, forget mask) for one iteration."""
-        n_keep, n_forget = self.sfd.batch_remaining, self.sfd.batch_forget
+        n_keep, n_forget = self.n_keep, self.n_forget
         if not forget:
             c = self._pick(self.all, n_keep + n_forget)
             return c, c, torch.zeros_like(c, dtype=torch.bool)
@@ -237,8 +242,9 @@ def train_sfd(
     total = sum(s.iterations for s in stages)
     run_id = {"method": method, "forget_pairs": sorted(pairs.items())}
 
-    rng = torch.Generator(device).manual_seed(sfd.seed)
-    batcher = _Batcher(pairs, card.num_classes, sfd, t_range, card.image_size, rng, device)
+    rng = torch.Generator(device).manual_seed(sfd.seed + distributed.rank())  # each rank its own share
+    batcher = _Batcher(pairs, card.num_classes, sfd, t_range, card.image_size, rng, device,
+                       distributed.rank(), distributed.world_size())
     f_phi = teacher.score.requires_grad_(False).eval()
     f_psi = copy.deepcopy(base.score).train()
     G_theta = copy.deepcopy(base.generator if base.generator is not None else base.score).requires_grad_(True).train()
@@ -264,7 +270,11 @@ def train_sfd(
         opt_psi.load_state_dict(state["opt_fake"])
         scaler_theta.load_state_dict(state["scaler_generator"])
         scaler_psi.load_state_dict(state["scaler_fake"])
-        rng.set_state(state["rng"].cpu())
+        rng_states = state.get("rng_ranks", [state.get("rng")])
+        if len(rng_states) == distributed.world_size():
+            rng.set_state(rng_states[distributed.rank()].cpu())
+        else:  # resumed on another number of processes: a fresh stream per rank, still seeded
+            rng.manual_seed(sfd.seed + distributed.rank() + RESEED_STRIDE * state["step"])
         history, window = state["history"], state["window"]
         start = state["step"]
 
@@ -274,7 +284,8 @@ def train_sfd(
 
     began = time.perf_counter()
     stage_ends = torch.tensor([s.iterations for s in stages]).cumsum(0).tolist()
-    for k in tqdm(range(start, total), initial=start, total=total, disable=not progress, desc=method):
+    for k in tqdm(range(start, total), initial=start, total=total, disable=not (progress and distributed.is_main()),
+                  desc=method):
         stage_index = next(i for i, end in enumerate(stage_ends) if k < end)
         stage = stages[stage_index]
         c, c_teacher, forget_mask = batcher.labels(stage.forget)
@@ -310,11 +321,12 @@ def train_sfd(
                             "loss_fake": window["loss_fake"] / n, "loss_generator": window["loss_generator"] / n})
             window = {"loss_fake": 0.0, "loss_generator": 0.0, "n": 0}
         if checkpoints is not None and step % sfd.checkpoint_every == 0 and step < total:
-            _save_state(checkpoints, step, {
+            rng_ranks = distributed.gather(rng.get_state())
+            distributed.on_main(_save_state, checkpoints, step, {
                 "step": step, "run": run_id, "generator": G_theta.state_dict(), "fake": f_psi.state_dict(),
                 "ema": ema.state_dict(), "opt_generator": opt_theta.state_dict(), "opt_fake": opt_psi.state_dict(),
                 "scaler_generator": scaler_theta.state_dict(), "scaler_fake": scaler_psi.state_dict(),
-                "rng": rng.get_state(), "history": history, "window": window,
+                "rng_ranks": rng_ranks, "history": history, "window": window,
             })
     seconds = time.perf_counter() - began
 
@@ -332,14 +344,20 @@ def train_sfd(
         method=method,
         hyperparameters=sfd.model_dump(mode="json"),
     )
-    version = DiffusionVersion(score=f_psi.eval(), generator=G_theta.eval(), scheduler=scheduler, card=new_card)
-    out_dir = save_version(Path(out_dir), version)
-    copy_teacher(root, out_dir)
     done_here = total - start
-    (out_dir / TRAINING_LOG).write_text(json.dumps({
+    training_log = {
         "method": method, "iterations": total, "resumed_from": start if latest is not None else None,
         "seconds": seconds, "iterations_per_second": done_here / seconds if done_here else None,
         "t_init": t_init, "t_range": list(t_range), "forget_pairs": sorted(pairs.items()),
-        "keep_classes": batcher.keep.tolist(), "device": str(device), "history": history,
-    }, indent=2))
-    return out_dir
+        "keep_classes": batcher.keep.tolist(), "device": str(device), "processes": distributed.world_size(),
+        "history": history,  # rank 0's losses
+    }
+
+    def write_version() -> None:
+        version = DiffusionVersion(score=f_psi.eval(), generator=G_theta.eval(), scheduler=scheduler, card=new_card)
+        save_version(Path(out_dir), version)
+        copy_teacher(root, Path(out_dir))
+        (Path(out_dir) / TRAINING_LOG).write_text(json.dumps(training_log, indent=2))
+
+    distributed.on_main(write_version)  # the replicas are identical: one writes
+    return Path(out_dir)

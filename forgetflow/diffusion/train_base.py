@@ -22,6 +22,7 @@ from forgetflow.compute import autocast, grad_scaler, resolve_device
 from forgetflow.config import Params
 from forgetflow.diffusion.artifact import DiffusionVersion, ModelCard, new_scheduler, new_unet, save_version
 from forgetflow.diffusion.data import load_digits_split
+from forgetflow.distributed import average_gradients
 
 TRAINING_LOG = "training_log.json"
 
@@ -33,9 +34,12 @@ def optimizer_step(
     parameters: Iterable[torch.nn.Parameter],
     clip_value: float | None = None,
 ) -> None:
-    """backward, optional element-wise gradient clipping to [-clip_value, clip_value], step."""
+    """backward, gradients averaged over data-parallel ranks (if any), optional element-wise
+    clipping to [-clip_value, clip_value], step."""
+    parameters = list(parameters)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    average_gradients(parameters)
     if clip_value is not None:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_value_(parameters, clip_value)
