@@ -27,6 +27,21 @@ def resolve_device(compute: ComputeParams) -> torch.device:
     return torch.device(compute.device)
 
 
+def checkpointed(model: torch.nn.Module, compute: ComputeParams) -> torch.nn.Module:
+    """`model` set to recompute its activations in the backward pass when
+    compute.gradient_checkpointing is on (transformers and diffusers models both offer it;
+    non-reentrant, so frozen weights under a LoRA adapter need no input gradients)."""
+    if not compute.gradient_checkpointing:
+        return model
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "enable_gradient_checkpointing"):  # diffusers
+        model.enable_gradient_checkpointing()
+    else:
+        raise ValueError(f"{type(model).__name__} cannot checkpoint its activations")
+    return model
+
+
 def autocast_dtype(device: torch.device, compute: ComputeParams) -> torch.dtype | None:
     """The autocast dtype for this device, or None for full fp32."""
     if device.type != "cuda" or compute.mixed_precision == "no":

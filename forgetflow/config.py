@@ -72,6 +72,7 @@ class ComputeParams(_Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # applied on CUDA only
     num_threads: int = Field(0, ge=0)  # 0: leave torch's default
     processes: int = Field(0, ge=0)  # data-parallel training processes (forgetflow/distributed.py); 0: one per GPU
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
 
 
 class DiffusionModelParams(_Section):

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from forgetflow import distributed
 from forgetflow.checkpoints import CheckpointSink
-from forgetflow.compute import autocast, grad_scaler, resolve_device
+from forgetflow.compute import autocast, checkpointed, grad_scaler, resolve_device
 from forgetflow.config import Params, SFDParams
 from forgetflow.diffusion.artifact import (DiffusionVersion, ModelCard, copy_teacher, load_version, save_version,
                                           teacher_dir)
@@ -246,8 +246,9 @@ def train_sfd(
     batcher = _Batcher(pairs, card.num_classes, sfd, t_range, card.image_size, rng, device,
                        distributed.rank(), distributed.world_size())
     f_phi = teacher.score.requires_grad_(False).eval()
-    f_psi = copy.deepcopy(base.score).train()
-    G_theta = copy.deepcopy(base.generator if base.generator is not None else base.score).requires_grad_(True).train()
+    f_psi = checkpointed(copy.deepcopy(base.score), params.compute).train()
+    G_theta = checkpointed(copy.deepcopy(base.generator if base.generator is not None else base.score),
+                           params.compute).requires_grad_(True).train()
     ema = EMAModel(G_theta.parameters(), decay=sfd.ema_decay, update_after_step=sfd.ema_warmup_iterations)
     adam = dict(betas=tuple(sfd.adam_betas), eps=sfd.adam_eps, weight_decay=0.0)
     opt_theta = torch.optim.Adam(G_theta.parameters(), lr=sfd.lr_generator, **adam)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 from tqdm.auto import trange
 
-from forgetflow.compute import autocast, grad_scaler, resolve_device
+from forgetflow.compute import autocast, checkpointed, grad_scaler, resolve_device
 from forgetflow.config import Params
 from forgetflow.diffusion.artifact import DiffusionVersion, ModelCard, new_scheduler, new_unet, save_version
 from forgetflow.diffusion.data import load_digits_split
@@ -66,7 +66,7 @@ def train_teacher(
     images, labels = images[keep].to(device), labels[keep].to(device)
     null_class = cfg.model.num_classes
 
-    unet = new_unet(cfg.model).to(device).train()
+    unet = checkpointed(new_unet(cfg.model), params.compute).to(device).train()
     scheduler = new_scheduler(cfg.model)
     ema = EMAModel(unet.parameters(), decay=base.ema_decay)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=base.lr)

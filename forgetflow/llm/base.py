@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from forgetflow.compute import autocast, clipped_step, grad_scaler
+from forgetflow.compute import autocast, checkpointed, clipped_step, grad_scaler
 from forgetflow.config import ComputeParams, LLMFinetuneParams, TinyLMParams
 from forgetflow.llm.chat import CHATML_TEMPLATE, answer_ids, prompt_ids
 
@@ -103,7 +103,7 @@ def finetune(model, tokenizer, chats: list[list[dict]], p: LLMFinetuneParams, co
     rows = [(i[:p.max_length], l[:p.max_length]) for i, l in rows]
     rng = random.Random(p.seed)
     torch.manual_seed(p.seed)
-    model.to(device).train()
+    checkpointed(model, compute).to(device).train()
     model.requires_grad_(True)
     steps_per_epoch = math.ceil(len(rows) / p.batch_size)
     total = p.epochs * steps_per_epoch

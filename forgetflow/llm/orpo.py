@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from forgetflow.checkpoints import CheckpointSink
-from forgetflow.compute import autocast, clipped_step, grad_scaler
+from forgetflow.compute import autocast, checkpointed, clipped_step, grad_scaler
 from forgetflow.config import ComputeParams, LLMUnlearnParams
 from forgetflow.llm.chat import answer_ids, prompt_ids
 from forgetflow.llm.objectives import OBJECTIVES, ForgetLogps
@@ -148,7 +148,7 @@ def train_adapter(model, tokenizer, rows: list[dict], p: LLMUnlearnParams, compu
 
     model.requires_grad_(False)
     torch.manual_seed(p.seed)  # the adapter's initialisation and dropout: the same run in any process
-    peft_model = _lora(model, p).to(device)
+    peft_model = _lora(checkpointed(model, compute), p).to(device)
     encoded = [encode_row(tokenizer, r, p.max_length) for r in rows]
     steps_per_epoch = math.ceil(len(encoded) / p.batch_size)
     total = p.epochs * steps_per_epoch
