@@ -1,12 +1,13 @@
 """Data-parallel training over several processes of one machine: its GPUs (NCCL) or, without
 GPUs, CPU processes (Gloo). How many is `compute.processes` in params.yaml (0: one per visible
-GPU), never a code edit; a job that torchrun already started is used as it is.
+GPU), never a code edit. The pipeline itself runs once (one Prefect flow run); only its training
+step fans out into ranks, so forgetflow starts them itself rather than being started by torchrun.
 
     launch(fn, *args, compute=..., **kwargs)
         fn(*args, **kwargs) in `processes_for(compute)` worker processes started by
         torch.distributed's elastic launcher (the engine behind torchrun), each with its
         process group; returns rank 0's result, or re-raises the first rank's exception.
-        One process (or a process torchrun started): fn runs right here.
+        One process: fn runs right here.
     average_gradients(parameters)
         after backward: every rank's gradients become their mean over the ranks.
     on_main(fn, *args)
@@ -102,8 +103,6 @@ def launch(fn: Callable[..., Any], *args: Any, compute: ComputeParams, **kwargs:
     processes = processes_for(compute)
     if processes == 1 or dist.is_initialized():
         return fn(*args, **kwargs)
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # a worker torchrun started: join its group here
-        return _worker(fn, args, kwargs, compute)["result"]
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=f"forgetflow-{uuid.uuid4().hex[:8]}",
