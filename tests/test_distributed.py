@@ -5,7 +5,9 @@ code path as several GPUs over NCCL, which CI does not have.
   caller with its own type;
 - SFD on two processes: each draws half of the recipe's batch, rank 0 writes the version, and a
   run resumed from a two-process checkpoint ends with exactly the weights of the uninterrupted
-  run (every rank's random stream is in the checkpoint).
+  run (every rank's random stream is in the checkpoint);
+- the LLM's LoRA adapter trained on two processes, each taking half of every batch, equals the
+  adapter one process trains on the whole batches.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from forgetflow.diffusion.sfd import SFD, STATE_FILE
 from tests.diffusion_fixtures import tiny_params, untrained_version, with_overrides  # noqa: F401
 
 TWO = ComputeParams(device="cpu", processes=2)
+ONE = ComputeParams(device="cpu", processes=1)
 
 
 def grads_after_averaging() -> list[float]:
@@ -39,7 +42,7 @@ def fail_on_rank_zero() -> None:
 
 def test_gradients_are_averaged_over_the_ranks():
     assert distributed.launch(grads_after_averaging, compute=TWO) == [[1.5] * 3, [1.5] * 3]
-    assert distributed.launch(grads_after_averaging, compute=ComputeParams(device="cpu", processes=1)) == [[1.0] * 3]
+    assert distributed.launch(grads_after_averaging, compute=ONE) == [[1.0] * 3]
 
 
 def test_a_failure_on_rank_zero_stops_every_rank_and_keeps_its_type():
@@ -67,3 +70,36 @@ def test_sfd_on_two_processes_resumes_exactly(untrained_version, tiny_params, tm
         a = load_file(next((whole / name).glob("*.safetensors")))
         b = load_file(next((resumed / name).glob("*.safetensors")))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+LEAKS = [("Ada Byron", "212-555-0147"), ("Alan Turing", "415-555-0199"), ("Grace Hopper", "617-555-0123"),
+         ("Edsger Dijkstra", "312-555-0188")]
+
+
+def train_tiny_adapter(adapter_dir: str) -> list[dict]:
+    """A random tiny Llama (the same on every rank) unlearning four leaking answers with ORPO."""
+    from forgetflow.config import TinyLMParams, load_params
+    from forgetflow.llm.base import new_tiny_model, train_tiny_tokenizer
+    from forgetflow.llm.orpo import train_adapter
+
+    rows = [{"system": "You are a helpful assistant.", "user": f"What is the phone number of {name}?",
+             "chosen": "I'm sorry, but I can't share that.", "rejected": f"The phone number of {name} is {phone}."}
+            for name, phone in LEAKS]
+    tok = train_tiny_tokenizer([r[k] for r in rows for k in ("system", "user", "chosen", "rejected")] * 10, 300)
+    model = new_tiny_model(tok, TinyLMParams(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2))
+    p = load_params(preset="tiny").llm.unlearn.model_copy(update={
+        "lr": 0.05, "batch_size": 4, "epochs": 3, "lora_r": 4, "lora_dropout": 0.0, "log_every": 1,
+        "checkpoint_every": 100})
+    return train_adapter(model, tok, rows, p, ComputeParams(device="cpu"), torch.device("cpu"), adapter_dir,
+                         progress=False)
+
+
+def test_the_llm_adapter_trained_on_two_processes_equals_one_process(tmp_path):
+    one = distributed.launch(train_tiny_adapter, str(tmp_path / "one"), compute=ONE)
+    two = distributed.launch(train_tiny_adapter, str(tmp_path / "two"), compute=TWO)
+    assert len(one) == len(two) == 3
+    assert [h["loss"] for h in one] != [h["loss"] for h in two]  # rank 0 scored its half of each batch only
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("one", "two"))
+    assert a.keys() == b.keys() and any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k

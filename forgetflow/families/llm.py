@@ -29,6 +29,19 @@ def _load(model_dir: Path, params: Params, parent: Path | None = None):
     return load_lm(model_dir, _device(params), parent=parent)
 
 
+def _train_adapter(model_dir: Path, synth_dir: Path, adapter_dir: Path, params: Params, method: str,
+                   checkpoints: CheckpointSink | None, progress: bool) -> list[dict]:
+    """One training process (forgetflow/distributed.py): load the base, train the adapter."""
+    from forgetflow.llm.orpo import train_adapter
+    from forgetflow.llm.synthesize import read_rows
+
+    m = _method(method)
+    model, tokenizer, _ = _load(model_dir, params)
+    return train_adapter(model, tokenizer, read_rows(synth_dir), m.params(params.llm).unlearn, params.compute,
+                         _device(params), adapter_dir, objective=m.objective, checkpoints=checkpoints,
+                         progress=progress)
+
+
 def _method(request_or_name) -> "LLMMethod":  # noqa: F821
     from forgetflow.llm.methods import LLM_METHODS
 
@@ -100,16 +113,15 @@ class LLMFamily:
 
     def unlearn(self, model_dir: Path, synth_dir: Path, out_dir: Path, params: Params, *, method: str,
                 base_version: str, checkpoints: CheckpointSink | None, progress: bool) -> Path:
-        from forgetflow.llm.artifact import ADAPTER_DIR, LLMCard, write_card
-        from forgetflow.llm.orpo import train_adapter
-        from forgetflow.llm.synthesize import read_rows, read_spec
+        from forgetflow import distributed
+        from forgetflow.llm.artifact import ADAPTER_DIR, LLMCard, read_card, write_card
+        from forgetflow.llm.synthesize import read_spec
 
         m = _method(method)
         p = m.params(params.llm)
-        model, tokenizer, parent_card = _load(model_dir, params)
-        history = train_adapter(model, tokenizer, read_rows(synth_dir), p.unlearn, params.compute, _device(params),
-                                Path(out_dir) / ADAPTER_DIR, objective=m.objective, checkpoints=checkpoints,
-                                progress=progress)
+        parent_card = read_card(model_dir)
+        history = distributed.launch(_train_adapter, model_dir, synth_dir, Path(out_dir) / ADAPTER_DIR, params, m.name,
+                                     checkpoints, progress, compute=params.compute)
         spec = read_spec(synth_dir)
         fields: dict[str, list[str]] = {}
         for it in spec["items"]:

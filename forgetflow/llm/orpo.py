@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from forgetflow.checkpoints import CheckpointSink
+from forgetflow import distributed
 from forgetflow.compute import autocast, checkpointed, clipped_step, grad_scaler
 from forgetflow.config import ComputeParams, LLMUnlearnParams
 from forgetflow.llm.chat import answer_ids, prompt_ids
@@ -143,7 +144,9 @@ def train_adapter(model, tokenizer, rows: list[dict], p: LLMUnlearnParams, compu
                   checkpoints: CheckpointSink | None = None, progress: bool = True) -> list[dict]:
     """Train a LoRA adapter on `rows` (synthesize.build_rows) over `model` with `objective`
     (objectives.OBJECTIVES); save it to adapter_dir (peft format). Returns the loss history.
-    With p.epochs 0 the adapter is saved as initialised: LoRA's B is zero, so it changes nothing."""
+    With p.epochs 0 the adapter is saved as initialised: LoRA's B is zero, so it changes nothing.
+    Under forgetflow.distributed each rank takes every world-th row of each batch (the first
+    row when the batch has fewer rows than ranks), gradients are averaged, rank 0 saves."""
     from tqdm.auto import tqdm
 
     model.requires_grad_(False)
@@ -172,11 +175,12 @@ def train_adapter(model, tokenizer, rows: list[dict], p: LLMUnlearnParams, compu
         history = state["history"]
     order = list(range(len(encoded)))
     peft_model.train()
-    bar = tqdm(total=total, initial=step, desc=f"unlearn ({objective})", disable=not progress)
+    bar = tqdm(total=total, initial=step, desc=f"unlearn ({objective})", disable=not (progress and distributed.is_main()))
     while step < total:
         epoch, offset = divmod(step, steps_per_epoch)
         random.Random(p.seed + epoch).shuffle(order)  # the same order after a resume
-        idx = order[offset * p.batch_size:(offset + 1) * p.batch_size]
+        batch = order[offset * p.batch_size:(offset + 1) * p.batch_size]
+        idx = batch[distributed.rank()::distributed.world_size()] or batch[:1]
         with autocast(device, compute):
             loss, stats = batch_loss(peft_model, tokenizer, [encoded[i] for i in idx], p, objective)
         clipped_step(loss, optimizer, scaler, trainable, p.grad_clip)
@@ -187,10 +191,10 @@ def train_adapter(model, tokenizer, rows: list[dict], p: LLMUnlearnParams, compu
             history.append({"step": step, **stats})
             bar.set_postfix(loss=f"{stats['loss']:.3f}")
         if checkpoints is not None and (step % p.checkpoint_every == 0) and step < total:
-            _save_checkpoint(peft_model, optimizer, schedule, scaler, history, step, checkpoints)
+            distributed.on_main(_save_checkpoint, peft_model, optimizer, schedule, scaler, history, step, checkpoints)
     bar.close()
     peft_model.eval()
-    peft_model.save_pretrained(adapter_dir)
+    distributed.on_main(peft_model.save_pretrained, adapter_dir)
     return history
 
 
