@@ -247,6 +247,9 @@ def test_method_registry_and_two_stage_variant(untrained_version, loop_params, t
 def test_sid_only_and_esd_peers(untrained_version, one_step_version, loop_params, tmp_path):
     sid = get_method("sid").stages(loop_params.diffusion.sfd)
     assert [(s.iterations, s.forget, s.objective.lambda_f) for s in sid] == [(LOOP["iterations"], False, 0.0)]
+    distilled = load_version(get_method("sid").unlearn(untrained_version, tmp_path / "sid", [(7, 8)], loop_params,
+                                                       device=CPU, progress=False))
+    assert distilled.card.kind == "one-step" and distilled.card.forgotten_pairs == []  # distils, forgets nothing
     params = with_overrides(loop_params, esd={"iterations": 3, "batch_size": 4})
     out = get_method("esd").unlearn(untrained_version, tmp_path / "esd", [(7, 8)], params, device=CPU, progress=False)
     esd = load_version(out)

@@ -341,7 +341,9 @@ def train_sfd(
         class_names=card.class_names,
         t_init=t_init,
         sigma_init=sfd.sigma_init,
-        forgotten=[{"forget_class": f, "override_class": o} for f, o in pairs.items()],
+        # plain SiD (no forget stage) distils and forgets nothing new: it keeps the base's record
+        forgotten=[{"forget_class": f, "override_class": o}
+                   for f, o in (pairs if any(s.forget for s in stages) else dict(card.forgotten_pairs)).items()],
         method=method,
         hyperparameters=sfd.model_dump(mode="json"),
     )
