@@ -36,7 +36,9 @@ def _isolated_prefect_home():
 def services(tmp_path_factory):
     """The local object store, MLflow server and Prefect server (forgetflow.services.up) for the session; the
     client environment points at them while the session runs and is restored after. The
-    processes are stopped at the end, also when start-up failed half-way."""
+    processes are stopped at the end, also when start-up failed half-way. A fault test may
+    stop and restart a service on the same endpoint: read the processes running now with
+    `forgetflow.services.status(info.state_dir)`, not this object's pids."""
     from forgetflow import services as svc
     from forgetflow.config import load_params
 

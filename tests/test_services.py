@@ -52,9 +52,10 @@ def test_up_is_idempotent(services):
 
 
 def test_every_port_is_loopback_and_distinct(services):
-    ports = _all_ports(services)
+    running = svc.status(services.state_dir)  # the processes now (a fault test restarts two of them)
+    ports = _all_ports(running)
     assert len(ports) == 10  # master, volume, filer, s3 (+ their gRPC ports), mlflow and prefect
-    for pid in services.pids.values():
+    for pid in running.pids.values():
         proc = psutil.Process(pid)
         listening = [c for p in [proc, *proc.children(recursive=True)] for c in p.net_connections("tcp")
                      if c.status == psutil.CONN_LISTEN]
@@ -141,6 +142,7 @@ def test_second_instance_in_parallel_outlives_its_starter_and_down_stops_exactly
     """`forgetflow up` in a process that exits: its servers keep running next to the
     session's; `down` stops exactly them."""
     state = tmp_path / "second"
+    session = svc.status(services.state_dir)
     script = textwrap.dedent(f"""
         import json
         from forgetflow import services
@@ -157,7 +159,7 @@ def test_second_instance_in_parallel_outlives_its_starter_and_down_stops_exactly
         second = svc.status(state)
         assert second is not None, "the servers died with the process that started them"
         assert second.pids == started["pids"]
-        assert not _all_ports(second) & _all_ports(services)
+        assert not _all_ports(second) & _all_ports(session)
         assert second.access_key != services.access_key
         store = ObjectStore(second.settings())
         store.put_bytes(b"second", "x/y")
@@ -176,8 +178,8 @@ def test_second_instance_in_parallel_outlives_its_starter_and_down_stops_exactly
         with pytest.raises(ServiceUnavailable, match=rf"{started['s3']} is not reachable.*run `forgetflow up`"):
             svc.resolve_settings(load_params(), state)
     # the session's services were not touched
-    assert all(psutil.pid_exists(pid) for pid in services.pids.values())
-    assert svc.status(services.state_dir).pids == services.pids
+    assert all(psutil.pid_exists(pid) for pid in session.pids.values())
+    assert svc.status(services.state_dir).pids == session.pids
 
 
 def test_only_unreachable_services_count_as_transient():
