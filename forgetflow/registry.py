@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from forgetflow.services import ServiceUnavailable, probe_mlflow
+from forgetflow.services import ServiceUnavailable, mlflow_gave_up, probe_mlflow
 from forgetflow.storage import move_into
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -164,7 +164,7 @@ class Registry:
                     raise UnknownModel(f"model {name!r} has no version {version}; versions: "
                                        f"{', '.join(known) or 'none'}") from exc
                 raise self._unknown(name) from exc
-            if "API request to" in text and ("failed with exception" in text or "Max retries" in text):
+            if mlflow_gave_up(text):
                 raise ServiceUnavailable(f"MLflow at {self.tracking_uri} is not reachable; run `forgetflow up` "
                                          f"or check MLFLOW_TRACKING_URI ({text.splitlines()[0][:200]})") from exc
             raise

@@ -78,6 +78,12 @@ class ServiceUnavailable(RuntimeError):
     """A service forgetflow needs is not configured, not running or not reachable."""
 
 
+def mlflow_gave_up(text: str) -> bool:
+    """Whether an MLflow client error's text says its HTTP retries to the server ran out (the
+    server did not answer), rather than the server refusing the call."""
+    return "API request to" in text and ("failed with exception" in text or "Max retries" in text)
+
+
 def is_transient(exc: BaseException | None) -> bool:
     """Whether `exc` (or an exception it was raised from) says a service could not be reached,
     which waiting may cure: ServiceUnavailable, a refused / reset / timed-out connection,
@@ -88,10 +94,8 @@ def is_transient(exc: BaseException | None) -> bool:
         seen.add(id(exc))
         if isinstance(exc, (ServiceUnavailable, ConnectionError, TimeoutError)):
             return True
-        text = str(exc)
         if type(exc).__name__ in ("ConnectionError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
-                                  "ConnectionClosedError") or ("API request to" in text and (
-                                      "failed with exception" in text or "Max retries" in text)):
+                                  "ConnectionClosedError") or mlflow_gave_up(str(exc)):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
