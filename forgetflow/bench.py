@@ -3,7 +3,8 @@
 Each method and seed runs the request through the family's own stages (synthesize -> unlearn
 -> calibrate -> evaluate, the pipeline without its services), so the numbers are the ones a
 report shows. Per trial: every metric of the new version and its gates, the wall-clock of the
-unlearning, the peak memory while it ran (GPU: torch's peak allocation; CPU: the process's
+unlearning and of the whole request (its stages without the services; the table turns it into
+requests per hour on this device), the peak memory while it ran (GPU: torch's peak allocation; CPU: the process's
 resident set, sampled), the sampling cost (diffusion: NFE and seconds per 1000 samples; LLM:
 generated tokens per second with and without guidance) and, for LLMs, the Min-K% Prob
 membership-inference AUC of the forgotten subjects against never-seen people
@@ -39,6 +40,7 @@ FORGET_SUBJECTS = 4  # the LLM bench's request: forget the first customers of th
 DIFFUSION_REAL_DATA = {"retrain": "trains on the real digits minus the class",
                        "esd": "fine-tunes on real digits of the class and of the rest"}
 UNTARGETED = ("retrain", "esd")  # they redraw the class as some other digit, not as a chosen one
+TIMES = ["unlearn_s", "request_s", "peak_memory_mb"]  # per trial, beside the family's metrics
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Trial:
     method: str
     seed: int
     unlearn_s: float
+    request_s: float  # the request's stages for this method, unlearn to evaluate (LLM: from synthesize)
     peak_memory_mb: float
     metrics: dict  # the new version's
     gates: list[dict]
@@ -81,6 +84,17 @@ def peak_memory(device: torch.device, every_s: float = 0.05):
         out["mb"] = peak[0] / 2**20
 
 
+def device_name(params: Params) -> str:
+    """What the trials ran on, for the table's title: the GPU's name and precision, or the CPU's cores."""
+    from forgetflow.compute import autocast_dtype
+
+    device = resolve_device(params.compute)
+    if device.type == "cuda":
+        dtype = autocast_dtype(device, params.compute)
+        return f"{torch.cuda.get_device_name(device)} ({str(dtype).removeprefix('torch.') if dtype else 'fp32'}, torch {torch.__version__})"
+    return f"{device.type} ({torch.get_num_threads()} threads, torch {torch.__version__})"
+
+
 def with_updates(params: Params, updates: dict) -> Params:
     """params with `updates` (a nested dict of fields) merged in, validated again."""
     return Params.model_validate(_deep_merge(params.model_dump(), updates))
@@ -100,7 +114,7 @@ def summarise(trials: list[Trial], keys: list[str]) -> dict[str, dict]:
     for method in dict.fromkeys(t.method for t in trials):
         ts = [t for t in trials if t.method == method]
         row: dict = {"seeds": len(ts), "passed": sum(t.passed for t in ts)}
-        for key in [*keys, "unlearn_s", "peak_memory_mb"]:
+        for key in [*keys, *TIMES]:
             values = [v for t in ts if (v := _value(t, key)) is not None]
             if not values:
                 row[key] = None
@@ -115,7 +129,7 @@ def summarise(trials: list[Trial], keys: list[str]) -> dict[str, dict]:
 
 
 def _value(t: Trial, key: str) -> float | None:
-    if key in ("unlearn_s", "peak_memory_mb"):
+    if key in TIMES:
         return getattr(t, key)
     value = t.speed.get(key, t.metrics.get(key))
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
@@ -127,7 +141,8 @@ DIFFUSION_KEYS = ["unlearning_accuracy", "override_fidelity", "remaining_accurac
 
 
 def diffusion_trials(params: Params, work: Path, methods: list[str], seeds: int, *, model_dir: Path | None,
-                     eval_kit: Path | None, progress: bool) -> list[Trial]:
+                     eval_kit: Path | None, progress: bool) -> tuple[list[Trial], float | None]:
+    """(trials, seconds to build the demo teacher and judge; None for a given model)."""
     from forgetflow.diffusion.calibrate import calibrate_guidance, diffusion_gates
     from forgetflow.diffusion.evaluate import evaluate_version
     from forgetflow.diffusion.judge import train_judge
@@ -138,8 +153,10 @@ def diffusion_trials(params: Params, work: Path, methods: list[str], seeds: int,
     from forgetflow.gates import all_passed
 
     device = resolve_device(params.compute)
+    start = time.perf_counter()
     base = model_dir or train_teacher(params, work / "base", device=device, progress=progress)
     judge = eval_kit or train_judge(params, work / "judge", device=device, progress=progress)
+    base_s = None if model_dir else round(time.perf_counter() - start, 2)
     card = json.loads((Path(base) / "model_card.json").read_text())
     targeted = tuple(resolve_overrides([FORGET_CLASS], {}, card, params.diffusion.sfd.override_rule)[0])
     ev, cache = params.diffusion.evaluate, work / "cache"
@@ -165,13 +182,14 @@ def diffusion_trials(params: Params, work: Path, methods: list[str], seeds: int,
                 card_path = out / "model_card.json"
                 card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "guidance_scale": scale}, indent=2))
             new = evaluate_version(out, judge, [pair], p, seed=ev.seed, device=device, cache_dir=cache)
+            request_s = time.perf_counter() - start
             gates = diffusion_gates(base_metrics, new, p.diffusion.gates)
             new.update({g.name: g.value for g in gates if g.name in DIFFUSION_KEYS})
             n_forget = new["samples"]["per_forget_class"]
-            trials.append(Trial("diffusion", method, seed, round(seconds, 2), round(mem["mb"], 1), new,
+            trials.append(Trial("diffusion", method, seed, round(seconds, 2), round(request_s, 2), round(mem["mb"], 1), new,
                                 [g.to_dict() for g in gates], all_passed(gates),
                                 items={"unlearning_accuracy": n_forget, "override_fidelity": n_forget}))
-    return trials
+    return trials, base_s
 
 
 # ---- LLM -----------------------------------------------------------------------------------
@@ -181,7 +199,8 @@ LLM_KEYS = ["leak_rate", *[f"leak_{a}" for a in LLM_ATTACKS], "retained_recall_d
 
 
 def llm_trials(params: Params, work: Path, methods: list[str], seeds: int, *, model_dir: Path | None,
-               eval_kit: Path | None, progress: bool) -> list[Trial]:
+               eval_kit: Path | None, progress: bool) -> tuple[list[Trial], float | None]:
+    """(trials, seconds to fine-tune the demo model and its never-trained reference; None for a given model)."""
     from forgetflow.families.llm import LLMFamily
     from forgetflow.gates import all_passed
     from forgetflow.llm.evalkit import roster
@@ -191,12 +210,14 @@ def llm_trials(params: Params, work: Path, methods: list[str], seeds: int, *, mo
 
     device = resolve_device(params.compute)
     demo = model_dir is None  # forget quality needs the training corpus: only for the demo model built here
+    start = time.perf_counter()
     if demo:
         corpus, eval_kit = make_support_corpus(params, work / "support")
         model_dir = finetune_model(corpus, work / "support" / "model", params, progress=progress)
     family = LLMFamily()
     subjects = [{"name": c.name} for c in roster(eval_kit)[:FORGET_SUBJECTS]]
     retain_dir = _never_trained(params, work, {s["name"] for s in subjects}, progress) if demo else None
+    base_s = round(time.perf_counter() - start, 2) if demo else None
     trials = []
     for method in methods:
         for seed in range(seeds):
@@ -204,6 +225,7 @@ def llm_trials(params: Params, work: Path, methods: list[str], seeds: int, *, mo
             p = with_updates(params, {"llm": {"unlearn": {"seed": seed}}})
             request = parse_request({"request_id": f"bench-{method}-{seed}", "model": "bench", "method": method,
                                      "target": {"kind": "llm-subjects", "subjects": subjects}})
+            request_start = time.perf_counter()
             family.synthesize(request, model_dir, eval_kit, out / "synth", p)
             start = time.perf_counter()
             with peak_memory(device) as mem:
@@ -212,6 +234,7 @@ def llm_trials(params: Params, work: Path, methods: list[str], seeds: int, *, mo
             seconds = time.perf_counter() - start
             family.calibrate(model_dir, out / "new", out / "synth", eval_kit, p, out / "evaluation")
             metrics = family.evaluate(model_dir, out / "new", out / "synth", eval_kit, p, out / "evaluation")
+            request_s = time.perf_counter() - request_start
             gates = family.gates(metrics, p)
             new = {**metrics["new"], **{f"leak_{a}": r for a, r in metrics["new"]["leak_rate_by_attack"].items()},
                    **{g.name: g.value for g in gates}}
@@ -219,13 +242,13 @@ def llm_trials(params: Params, work: Path, methods: list[str], seeds: int, *, mo
             n_items = len(spec["items"])
             membership = _membership(spec, model_dir, out / "new", eval_kit, p, retain_dir)
             new.update(mia_auc=membership["mia_auc"], forget_quality=membership["forget_quality"])
-            trials.append(Trial("llm", method, seed, round(seconds, 2), round(mem["mb"], 1), new,
+            trials.append(Trial("llm", method, seed, round(seconds, 2), round(request_s, 2), round(mem["mb"], 1), new,
                                 [g.to_dict() for g in gates], all_passed(gates),
                                 items={"leak_rate": n_items, **{f"leak_{a}": n_items for a in LLM_ATTACKS}},
                                 speed=_tokens_per_second(out / "new", model_dir, p, device)))
             trials[-1].metrics["base"] = {**{k: v for k, v in metrics["base"].items() if not isinstance(v, dict)},
                                           "mia_auc": membership["base_mia_auc"]}
-    return trials
+    return trials, base_s
 
 
 def _membership(spec: dict, base_dir: Path, new_dir: Path, eval_kit: Path, params: Params,
@@ -314,11 +337,11 @@ def run_bench(family: str, params: Params, out_root: Path, *, seeds: int = 3, me
     out = Path(out_root) / f"{stamp}-{family}"
     work = out / "work"
     run = diffusion_trials if family == "diffusion" else llm_trials
-    trials = run(params, work, methods, seeds, model_dir=model_dir, eval_kit=eval_kit, progress=progress)
+    trials, base_s = run(params, work, methods, seeds, model_dir=model_dir, eval_kit=eval_kit, progress=progress)
     keys = DIFFUSION_KEYS if family == "diffusion" else LLM_KEYS
     summary = summarise(trials, keys)
-    result = {"family": family, "created": stamp, "seeds": seeds, "device": str(resolve_device(params.compute)),
-              "methods": methods, "summary": summary, "trials": [asdict(t) for t in trials],
+    result = {"family": family, "created": stamp, "seeds": seeds, "device": device_name(params),
+              "methods": methods, "base_s": base_s, "summary": summary, "trials": [asdict(t) for t in trials],
               "real_data": {m: DIFFUSION_REAL_DATA.get(m) for m in methods} if family == "diffusion" else {}}
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "results.md").write_text(markdown_table(result, keys))
@@ -341,14 +364,17 @@ def _cell(stat: dict | None, digits: int = 3) -> str:
 
 
 def markdown_table(result: dict, keys: list[str]) -> str:
-    cols = ["method", "gates passed", "unlearn s", "peak MB", *keys]
+    cols = ["method", "gates passed", "unlearn s", "request s", "requests/h", "peak MB", *keys]
     lines = [f"# forgetflow bench: {result['family']}, {result['seeds']} seed(s), {result['device']}, {result['created']}",
-             "", "mean ± sd over seeds [bootstrap 95% interval over items, for rates]", "",
+             "", "mean ± sd over seeds [bootstrap 95% interval over items, for rates]; requests/h = 3600 / request s"
+             + (f"; building the demo base took {result['base_s']:.0f} s" if result.get("base_s") else ""), "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for method, row in result["summary"].items():
         note = result["real_data"].get(method)
         name = f"{method} (real data: {note})" if note else method
-        cells = [name, f"{row['passed']}/{row['seeds']}", _cell(row["unlearn_s"], 1), _cell(row["peak_memory_mb"], 0),
+        per_hour = f"{3600 / row['request_s']['mean']:.0f}" if row.get("request_s") else "n/a"
+        cells = [name, f"{row['passed']}/{row['seeds']}", _cell(row["unlearn_s"], 1), _cell(row["request_s"], 1), per_hour,
+                 _cell(row["peak_memory_mb"], 0),
                  *[_cell(row[k], 1 if k.startswith(("tokens", "seconds", "nfe")) else 3) for k in keys]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -397,7 +423,7 @@ def log_to_mlflow(result: dict, out: Path, tracking_uri: str) -> str:
         child = client.create_run(exp_id, run_name=f"{trial['method']}-seed{trial['seed']}",
                                   tags={MLFLOW_PARENT_RUN_ID: parent, "forgetflow.method": trial["method"]}).info.run_id
         client.log_param(child, "seed", trial["seed"])
-        values = {"unlearn_s": trial["unlearn_s"], "peak_memory_mb": trial["peak_memory_mb"],
+        values = {**{key: trial[key] for key in TIMES},
                   "gates_passed": float(trial["passed"]), **trial["speed"],
                   **{k: v for k, v in trial["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
         for key, value in values.items():

@@ -175,7 +175,7 @@ class GateParams(_Section):
     override_fidelity_min: float = 0.9
     remaining_accuracy_drop_max: float = 0.03
     remaining_fd_ratio_max: float = 1.25
-    sampling_speedup_min: float = 20.0
+    nfe_reduction_min: float = 20.0
     # random overrides only (the forget row must be real-looking digits, not blobs a judge calls "not c_f"):
     forget_confidence_min: float = 0.9  # the judge's mean top probability on forget-row samples
     forget_fd_ratio_max: float = 1.25   # forget-row FD against real remaining digits / the base's remaining FD

@@ -64,6 +64,7 @@ def test_diffusion_methods_esd_and_retrain_side_by_side_over_two_seeds(services,
     assert len(result["trials"]) == 10 and {t["seed"] for t in result["trials"]} == {0, 1}
     for method, row in result["summary"].items():
         assert row["seeds"] == 2 and row["unlearn_s"]["mean"] > 0 and row["peak_memory_mb"]["mean"] > 100
+        assert row["request_s"]["mean"] > row["unlearn_s"]["mean"]  # + calibrate and evaluate
         ua = row["unlearning_accuracy"]
         assert 0 <= ua["ci95"][0] <= ua["mean"] <= ua["ci95"][1] <= 1 and ua["sd"] >= 0
         assert f"| {method}" in table

@@ -8,7 +8,10 @@ the classes that remain after every forgetting so far:
     override_fidelity        = new.override_fidelity                         >= min
     remaining_accuracy_drop  = base.remaining_acc - new.remaining_acc        <= max
     remaining_fd_ratio       = new.remaining_fd / base.remaining_fd          <= max
-    sampling_speedup         = base.s_per_1000 / new.s_per_1000              >= min
+    nfe_reduction            = base.nfe / new.nfe                            >= min
+(network evaluations per sample, not seconds: a wall-clock speed-up depends on the device. The
+tiny digits UNet samples 56x faster in one step than in 50 on this CPU but only 10x on an H200,
+where a kernel launch costs more than the network; seconds_per_1000_samples stays in the report.)
 Calibration: evaluate every scale of calibrate.guidance_scales on the calibration seed
 (samples_per_class per remaining class) and take the smallest scale whose gates all pass,
 else the scale with the largest worst-gate margin.
@@ -35,9 +38,7 @@ def diffusion_gates(base_metrics: dict, new_metrics: dict, gate_params: GatePara
              gate_params.remaining_accuracy_drop_max, "max"),
         Gate("remaining_fd_ratio", new_metrics["remaining_fd"] / base_metrics["remaining_fd"],
              gate_params.remaining_fd_ratio_max, "max"),
-        Gate("sampling_speedup",
-             base_metrics["seconds_per_1000_samples"] / new_metrics["seconds_per_1000_samples"],
-             gate_params.sampling_speedup_min, "min"),
+        Gate("nfe_reduction", base_metrics["nfe"] / new_metrics["nfe"], gate_params.nfe_reduction_min, "min"),
     ] + (realism_gates(base_metrics, new_metrics, gate_params) if new_metrics.get("random_override") else [])
 
 

@@ -45,6 +45,8 @@ def load_smollm2():
     gguf = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if tokenizer.pad_token is None:  # transformers < 5.23 reads no pad token from this GGUF
+        tokenizer.pad_token = tokenizer.eos_token
     # dequantised weights are plain fp32; without this save_pretrained refuses ("is quantized")
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
