@@ -51,6 +51,7 @@ class OrchestrationParams(_Section):
     inbox_prefix: str = "inbox"  # request documents dropped in s3://<bucket>/<inbox_prefix>/ are swept
     work_pool: str = "forgetflow-local"  # `forgetflow deploy` target (created if missing, of work_pool_type)
     work_pool_type: Literal["process", "kubernetes"] = "process"  # kubernetes: flows/work_pools.py's job template
+    unlearn_work_pool: str | None = None  # set: the unlearn stage runs as its own flow run on this pool (a GPU pool)
     serve_limit: int = Field(4, ge=1)  # flow runs `forgetflow serve` executes at once (waiting ones included)
     model_slot_lease_s: float = Field(120.0, ge=60.0)  # a killed run's model slot frees this long after (Prefect's minimum: 60)
     omp_wait_policy: Literal["ACTIVE", "PASSIVE"] = "PASSIVE"  # served runs share the CPU without spinning

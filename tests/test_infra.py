@@ -95,7 +95,7 @@ def test_deploy_registers_the_deployments_on_a_kubernetes_work_pool(services, tm
     from tests.cli import forgetflow
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["orchestration"]["work_pool_type"] = "kubernetes"
+    params["orchestration"].update(work_pool_type="kubernetes", unlearn_work_pool="forgetflow-k8s-gpu")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = forgetflow(tmp_path, Path(services.state_dir), "--params", str(tmp_path / "params.yaml"), "deploy",
                      "--work-pool", "forgetflow-k8s")
@@ -105,18 +105,24 @@ def test_deploy_registers_the_deployments_on_a_kubernetes_work_pool(services, tm
             get_client(sync_client=True) as client:
         # explicit limit and sort: this server answers 422 to the client's null defaults
         deployments = [d for d in client.read_deployments(limit=100, sort=DeploymentSort.NAME_ASC)
-                       if d.work_pool_name == "forgetflow-k8s"]
-        pool = client.read_work_pool("forgetflow-k8s")
+                       if d.work_pool_name in ("forgetflow-k8s", "forgetflow-k8s-gpu")]
+        pool, gpu_pool = client.read_work_pool("forgetflow-k8s"), client.read_work_pool("forgetflow-k8s-gpu")
         try:
-            assert pool.type == "kubernetes"
+            assert pool.type == gpu_pool.type == "kubernetes"
             assert pool.base_job_template["variables"]["properties"]["namespace"]["default"] == "forgetflow"
-            assert {d.name for d in deployments} == {"unlearn-on-request", "process-pending"}
+            # the unlearn stage alone on the GPU pool, whose jobs request a GPU
+            assert {(d.name, d.work_pool_name) for d in deployments} == {
+                ("unlearn-on-request", "forgetflow-k8s"), ("process-pending", "forgetflow-k8s"),
+                ("unlearn-stage", "forgetflow-k8s-gpu")}
+            assert "nvidia.com/gpu" in json.dumps(gpu_pool.base_job_template)
+            assert "nvidia.com/gpu" not in json.dumps(pool.base_job_template)
             for d in deployments:
                 assert d.job_variables["image"] == "forgetflow-worker:latest" and not d.pull_steps
                 assert ":" not in d.entrypoint  # a module path: the code comes from the image
-                assert d.parameters["state_dir"] == "/var/lib/forgetflow"
+                assert d.name == "unlearn-stage" or d.parameters["state_dir"] == "/var/lib/forgetflow"
         finally:  # nothing of this test may react to the session's later request events
             for d in deployments:
                 client.delete_resource_owned_automations(f"prefect.deployment.{d.id}")
                 client.delete_deployment(d.id)
             client.delete_work_pool("forgetflow-k8s")
+            client.delete_work_pool("forgetflow-k8s-gpu")

@@ -325,25 +325,73 @@ def test_a_burst_of_fifty_inbox_requests_is_applied_by_one_scheduled_run(workspa
     assert sorted(p["forget_class"] for p in card["forgotten"]) == sorted(BURST_CLASSES)
 
 
-def test_deploy_registers_both_deployments_on_the_work_pool(services, tmp_path):
-    workdir, state_dir = tmp_path, Path(services.state_dir)
+@contextmanager
+def workers(workdir: Path, state_dir: Path, *pools: str):
+    """`prefect worker start --pool P` for each pool, in subprocesses, until the block ends."""
+    env = {**os.environ, "FORGETFLOW_STATE_DIR": str(state_dir)}
+    procs, logs = [], []
+    for pool in pools:
+        logs.append(workdir / f"worker-{pool}.log")
+        with logs[-1].open("w") as out:
+            procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool,
+                                           "--prefetch-seconds", "5"], cwd=workdir, env=env, stdout=out,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+    try:
+        yield logs
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+POOLED = "digits-pooled"
+CPU_POOL, GPU_POOL = "forgetflow-test-cpu", "forgetflow-test-gpu"
+
+
+def test_deployed_on_worker_pools_the_unlearn_stage_runs_on_its_own_pool(workspace, services, tiny_teacher, judge_dir):
+    """`forgetflow deploy` with `unlearn_work_pool` set, and a `prefect worker` per pool (the
+    second standing in for a GPU pool): a submitted request runs as a forget flow run on the
+    CPU pool whose unlearn stage is a flow run of `unlearn-stage` on the other pool."""
+    workdir, state_dir = workspace
     params = load_params(preset="tiny")
-    out = forgetflow(workdir, state_dir, "deploy", "--work-pool", "forgetflow-test-pool", timeout=300)
+    data = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    data["orchestration"].update(process_pending_cron=NEVER, unlearn_work_pool=GPU_POOL)
+    tiny = data["presets"]["tiny"]["diffusion"]  # routing is under test here, not forgetting: a short run
+    tiny.update(sfd={**tiny["sfd"], "iterations": 40}, calibrate={"guidance_scales": [1.0], "samples_per_class": 10},
+                evaluate={"forget_samples": 20, "samples_per_remaining_class": 10})
+    path = workdir / "params-pools.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = forgetflow(workdir, state_dir, "register", POOLED, str(tiny_teacher), "--eval-kit", str(judge_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = forgetflow(workdir, state_dir, "--params", str(path), "deploy", "--work-pool", CPU_POOL, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     with prefect_client() as client:
-        pool = client.read_work_pool("forgetflow-test-pool")
-        on_request = client.read_deployment_by_name(f"{ON_REQUEST}/{ON_REQUEST}")
-        pending = client.read_deployment_by_name(f"{PROCESS_PENDING}/{PROCESS_PENDING}")
-        try:
-            assert pool.type == "process"
-            assert on_request.work_pool_name == pending.work_pool_name == "forgetflow-test-pool"
-            assert [s.schedule.cron for s in pending.schedules] == [params.orchestration.process_pending_cron]
-            automations = client.read_automations_by_name("request accepted")
-            assert any(a.actions[0].deployment_id == on_request.id for a in automations), automations
-            assert on_request.parameters["state_dir"] == str(state_dir.resolve())
-            assert on_request.job_variables["env"]["OMP_WAIT_POLICY"] == params.orchestration.omp_wait_policy
-        finally:
-            for deployment in (on_request, pending):
+        deployments = {n: client.read_deployment_by_name(f"{n}/{n}") for n in (ON_REQUEST, PROCESS_PENDING, "unlearn-stage")}
+    try:
+        assert {n: d.work_pool_name for n, d in deployments.items()} == \
+            {ON_REQUEST: CPU_POOL, PROCESS_PENDING: CPU_POOL, "unlearn-stage": GPU_POOL}
+        assert [s.schedule.cron for s in deployments[PROCESS_PENDING].schedules] == [NEVER]
+        assert deployments[ON_REQUEST].job_variables["env"]["OMP_WAIT_POLICY"] == params.orchestration.omp_wait_policy
+        with workers(workdir, state_dir, CPU_POOL, GPU_POOL) as logs:
+            (workdir / "pooled.json").write_text(json.dumps(doc("pooled-1", POOLED, 1)))
+            out = forgetflow(workdir, state_dir, "--params", str(path), "request", "submit", str(workdir / "pooled.json"))
+            assert out.returncode == 0 and "announced" in out.stdout, out.stdout + out.stderr
+            entry = wait_final(state_dir, ["pooled-1"], logs[0])["pooled-1"]
+        assert entry.state in ("promoted", "rejected"), entry.error  # final: the pipeline ran to the end
+        on_request_run, = runs_named(f"on-request-{request_hash('pooled-1')}")
+        stage_run, = runs_named(f"unlearn-{POOLED}-")
+        assert on_request_run.work_pool_name == CPU_POOL and on_request_run.state.is_completed()
+        assert stage_run.work_pool_name == GPU_POOL and stage_run.state.is_completed(), stage_run.state
+        assert stage_run.name == f"unlearn-{POOLED}-{request_hash('pooled-1')}"  # hashed id, no request content
+        assert "unlearn" in json.loads(Path(entry.report_path).read_text())["durations_s"]
+    finally:
+        with prefect_client() as client:
+            for deployment in deployments.values():
                 client.delete_resource_owned_automations(f"prefect.deployment.{deployment.id}")
                 client.delete_deployment(deployment.id)
-            client.delete_work_pool("forgetflow-test-pool")
+            for pool in (CPU_POOL, GPU_POOL):
+                client.delete_work_pool(pool)
