@@ -40,6 +40,7 @@ FORGET_SUBJECTS = 4  # the LLM bench's request: forget the first customers of th
 DIFFUSION_REAL_DATA = {"retrain": "trains on the real digits minus the class",
                        "esd": "fine-tunes on real digits of the class and of the rest"}
 UNTARGETED = ("retrain", "esd")  # they redraw the class as some other digit, not as a chosen one
+FROM_SERVING = ("sfd",)  # start, as a request does, from the one-step version distilled at registration
 TIMES = ["unlearn_s", "request_s", "peak_memory_mb"]  # per trial, beside the family's metrics
 
 
@@ -141,25 +142,36 @@ DIFFUSION_KEYS = ["unlearning_accuracy", "override_fidelity", "remaining_accurac
 
 
 def diffusion_trials(params: Params, work: Path, methods: list[str], seeds: int, *, model_dir: Path | None,
-                     eval_kit: Path | None, progress: bool) -> tuple[list[Trial], float | None]:
-    """(trials, seconds to build the demo teacher and judge; None for a given model)."""
+                     eval_kit: Path | None, progress: bool) -> tuple[list[Trial], dict]:
+    """(trials, setup seconds: "base" to build the demo teacher and judge (None for a given
+    model), "serving" to distil the one-step version a registration makes (None if none)).
+    The FROM_SERVING methods start from that version, as the pipeline's requests do; the
+    others from the base."""
     from forgetflow.diffusion.calibrate import calibrate_guidance, diffusion_gates
     from forgetflow.diffusion.evaluate import evaluate_version
     from forgetflow.diffusion.judge import train_judge
     from forgetflow.diffusion.methods import get_method
     from forgetflow.diffusion.sfd import RANDOM_OVERRIDE
     from forgetflow.diffusion.train_base import train_teacher
-    from forgetflow.families.diffusion import resolve_overrides
+    from forgetflow.families.diffusion import DiffusionFamily, resolve_overrides
     from forgetflow.gates import all_passed
 
     device = resolve_device(params.compute)
+    setup: dict = {"base": None, "serving": None}
     start = time.perf_counter()
     base = model_dir or train_teacher(params, work / "base", device=device, progress=progress)
     judge = eval_kit or train_judge(params, work / "judge", device=device, progress=progress)
-    base_s = None if model_dir else round(time.perf_counter() - start, 2)
+    if model_dir is None:
+        setup["base"] = round(time.perf_counter() - start, 2)
     card = json.loads((Path(base) / "model_card.json").read_text())
     targeted = tuple(resolve_overrides([FORGET_CLASS], {}, card, params.diffusion.sfd.override_rule)[0])
     ev, cache = params.diffusion.evaluate, work / "cache"
+    serving = None
+    if any(m in FROM_SERVING for m in methods):
+        start = time.perf_counter()
+        made = DiffusionFamily().serving_version(base, judge, params, work / "serving", cache_dir=cache, progress=progress)
+        if made is not None:
+            serving, setup["serving"] = made[0], round(time.perf_counter() - start, 2)
     trials = []
     for method in methods:
         pair = (FORGET_CLASS, RANDOM_OVERRIDE) if method in UNTARGETED else targeted
@@ -172,7 +184,8 @@ def diffusion_trials(params: Params, work: Path, methods: list[str], seeds: int,
                 if method == "retrain":  # the gold standard: the teacher's recipe without the class
                     train_teacher(p, out, device=device, progress=progress, exclude_classes=[FORGET_CLASS])
                 else:
-                    get_method(method).unlearn(base, out, [pair], p, device=device, progress=progress)
+                    start_from = serving if serving and method in FROM_SERVING else base
+                    get_method(method).unlearn(start_from, out, [pair], p, device=device, progress=progress)
             seconds = time.perf_counter() - start
             if json.loads((out / "model_card.json").read_text())["kind"] == "one-step":  # a DDPM keeps its recipe's scale
                 calibration = evaluate_version(base, judge, [pair], p, seed=p.diffusion.calibrate.seed, device=device,
@@ -189,7 +202,7 @@ def diffusion_trials(params: Params, work: Path, methods: list[str], seeds: int,
             trials.append(Trial("diffusion", method, seed, round(seconds, 2), round(request_s, 2), round(mem["mb"], 1), new,
                                 [g.to_dict() for g in gates], all_passed(gates),
                                 items={"unlearning_accuracy": n_forget, "override_fidelity": n_forget}))
-    return trials, base_s
+    return trials, setup
 
 
 # ---- LLM -----------------------------------------------------------------------------------
@@ -199,8 +212,9 @@ LLM_KEYS = ["leak_rate", *[f"leak_{a}" for a in LLM_ATTACKS], "retained_recall_d
 
 
 def llm_trials(params: Params, work: Path, methods: list[str], seeds: int, *, model_dir: Path | None,
-               eval_kit: Path | None, progress: bool) -> tuple[list[Trial], float | None]:
-    """(trials, seconds to fine-tune the demo model and its never-trained reference; None for a given model)."""
+               eval_kit: Path | None, progress: bool) -> tuple[list[Trial], dict]:
+    """(trials, setup seconds: "base" to fine-tune the demo model and its never-trained
+    reference, None for a given model)."""
     from forgetflow.families.llm import LLMFamily
     from forgetflow.gates import all_passed
     from forgetflow.llm.evalkit import roster
@@ -217,7 +231,7 @@ def llm_trials(params: Params, work: Path, methods: list[str], seeds: int, *, mo
     family = LLMFamily()
     subjects = [{"name": c.name} for c in roster(eval_kit)[:FORGET_SUBJECTS]]
     retain_dir = _never_trained(params, work, {s["name"] for s in subjects}, progress) if demo else None
-    base_s = round(time.perf_counter() - start, 2) if demo else None
+    setup = {"base": round(time.perf_counter() - start, 2) if demo else None}
     trials = []
     for method in methods:
         for seed in range(seeds):
@@ -248,7 +262,7 @@ def llm_trials(params: Params, work: Path, methods: list[str], seeds: int, *, mo
                                 speed=_tokens_per_second(out / "new", model_dir, p, device)))
             trials[-1].metrics["base"] = {**{k: v for k, v in metrics["base"].items() if not isinstance(v, dict)},
                                           "mia_auc": membership["base_mia_auc"]}
-    return trials, base_s
+    return trials, setup
 
 
 def _membership(spec: dict, base_dir: Path, new_dir: Path, eval_kit: Path, params: Params,
@@ -337,11 +351,11 @@ def run_bench(family: str, params: Params, out_root: Path, *, seeds: int = 3, me
     out = Path(out_root) / f"{stamp}-{family}"
     work = out / "work"
     run = diffusion_trials if family == "diffusion" else llm_trials
-    trials, base_s = run(params, work, methods, seeds, model_dir=model_dir, eval_kit=eval_kit, progress=progress)
+    trials, setup_s = run(params, work, methods, seeds, model_dir=model_dir, eval_kit=eval_kit, progress=progress)
     keys = DIFFUSION_KEYS if family == "diffusion" else LLM_KEYS
     summary = summarise(trials, keys)
     result = {"family": family, "created": stamp, "seeds": seeds, "device": device_name(params),
-              "methods": methods, "base_s": base_s, "summary": summary, "trials": [asdict(t) for t in trials],
+              "methods": methods, "setup_s": setup_s, "summary": summary, "trials": [asdict(t) for t in trials],
               "real_data": {m: DIFFUSION_REAL_DATA.get(m) for m in methods} if family == "diffusion" else {}}
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "results.md").write_text(markdown_table(result, keys))
@@ -367,7 +381,9 @@ def markdown_table(result: dict, keys: list[str]) -> str:
     cols = ["method", "gates passed", "unlearn s", "request s", "requests/h", "peak MB", *keys]
     lines = [f"# forgetflow bench: {result['family']}, {result['seeds']} seed(s), {result['device']}, {result['created']}",
              "", "mean ± sd over seeds [bootstrap 95% interval over items, for rates]; requests/h = 3600 / request s"
-             + (f"; building the demo base took {result['base_s']:.0f} s" if result.get("base_s") else ""), "",
+             + (f"; building the demo base took {setup['base']:.0f} s" if (setup := result["setup_s"])["base"] else "")
+             + (f"; {', '.join(FROM_SERVING)} start(s) from the one-step version distilled once at registration "
+                f"({setup['serving']:.0f} s, plain SiD)" if setup.get("serving") else ""), "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for method, row in result["summary"].items():
         note = result["real_data"].get(method)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from forgetflow.config import Params
+from forgetflow.gates import Gate, all_passed
 from forgetflow.registry import Registry
 from forgetflow.services import Settings
 from forgetflow.storage import ObjectStore
@@ -41,10 +44,29 @@ def upload_eval_kit(name: str, eval_kit: Path, store: ObjectStore) -> str:
     return prefix
 
 
+@dataclass
+class Registered:
+    """What `register_model` registered: the model's version and, where its family makes one,
+    the serving version distilled from it with its gates (serving None: none was made)."""
+
+    version: str
+    serving: str | None = None
+    gates: list[Gate] = field(default_factory=list)
+
+    @property
+    def champion_candidate(self) -> str:
+        """The version to serve: the distilled one when every gate of it passed."""
+        return self.serving if self.serving and all_passed(self.gates) else self.version
+
+
 def register_model(name: str, model_dir: Path, eval_kit: Path, params: Params, settings: Settings,
-                   *, make_champion: bool = True) -> str:
-    """Upload the eval kit, register `model_dir` as a new version of `name`; it becomes
-    @champion if the model has none yet (or always, when make_champion and no champion)."""
+                   *, make_champion: bool = True, serving: bool = True, cache_dir: Path | None = None,
+                   progress: bool = True) -> Registered:
+    """Upload the eval kit and register `model_dir` as a new version of `name`. With `serving`,
+    the family may also make a faster version to serve in its place (diffusion: a one-step
+    generator distilled with SiD, Family.serving_version), registered as the next version with
+    its gates. When the model has no @champion yet (and make_champion), the champion becomes
+    the distilled version if every gate of it passed, else the registered one."""
     from forgetflow.families import get_family
 
     family_name = model_family(model_dir)
@@ -53,16 +75,27 @@ def register_model(name: str, model_dir: Path, eval_kit: Path, params: Params, s
     family.check_eval_kit(eval_kit)
     prefix = upload_eval_kit(name, eval_kit, ObjectStore(settings))
     registry = Registry(settings.mlflow_uri)
-    version = registry.register(name, Path(model_dir), run_id=None,
-                                tags={EVAL_KIT_TAG: prefix, "forgetflow.family": family_name,
-                                      "forgetflow.request_id": "", "forgetflow.model_hash": _dir_hash(Path(model_dir))},
-                                description=f"{name}: registered base model")
+    tags = {EVAL_KIT_TAG: prefix, "forgetflow.family": family_name, "forgetflow.request_id": ""}
+    result = Registered(registry.register(name, Path(model_dir), run_id=None,
+                                          tags={**tags, "forgetflow.model_hash": _dir_hash(Path(model_dir))},
+                                          description=f"{name}: registered base model"))
+    if serving:
+        with tempfile.TemporaryDirectory(prefix="forgetflow-serving-") as tmp:
+            made = family.serving_version(model_dir, eval_kit, params, Path(tmp) / "version", cache_dir=cache_dir,
+                                          progress=progress)
+            if made is not None:
+                out, result.gates = made
+                result.serving = registry.register(
+                    name, out, run_id=None, description=f"{name}: one-step version of v{result.version} for serving",
+                    tags={**tags, "forgetflow.model_hash": _dir_hash(out), "forgetflow.base_version": result.version,
+                          "forgetflow.gates_passed": str(all_passed(result.gates)).lower(),
+                          **{f"forgetflow.gate.{g.name}": f"{g.value:.4g}" for g in result.gates}})
     if make_champion and registry.alias_version(name, "champion") is None:
-        registry.set_alias(name, "champion", version)
-    return version
+        registry.set_alias(name, "champion", result.champion_candidate)
+    return result
 
 
-def _champion(name: str, settings: Settings) -> str | None:
+def champion_version(name: str, settings: Settings) -> str | None:
     """The @champion version of `name`, or None when the model or the alias does not exist."""
     from forgetflow.registry import UnknownModel
 
@@ -72,14 +105,14 @@ def _champion(name: str, settings: Settings) -> str | None:
         return None
 
 
-def ensure_demo_model(name: str, params: Params, settings: Settings, out: Path) -> str:
-    """The demo model registered as `name@champion`, trained first if not on disk (DVC
-    stage `train_base` makes the same folders)."""
+def ensure_demo_model(name: str, params: Params, settings: Settings, out: Path, cache_dir: Path | None = None) -> str:
+    """The demo model registered as `name@champion` (with its one-step serving version), trained
+    first if not on disk (DVC stage `train_base` makes the same folders)."""
     from forgetflow.compute import resolve_device
     from forgetflow.diffusion.judge import train_judge
     from forgetflow.diffusion.train_base import train_teacher
 
-    current = _champion(name, settings)
+    current = champion_version(name, settings)
     if current is not None:
         return current
     device = resolve_device(params.compute)
@@ -87,20 +120,21 @@ def ensure_demo_model(name: str, params: Params, settings: Settings, out: Path) 
         train_teacher(params, out / "model", device=device)
     if not (out / "judge" / "judge_card.json").exists():
         train_judge(params, out / "judge", device=device)
-    return register_model(name, out / "model", out / "judge", params, settings)
+    return register_model(name, out / "model", out / "judge", params, settings,
+                          cache_dir=cache_dir).champion_candidate
 
 
-def ensure_demo_llm(name: str, params: Params, settings: Settings, out: Path) -> str:
+def ensure_demo_llm(name: str, params: Params, settings: Settings, out: Path, cache_dir: Path | None = None) -> str:
     """The demo support chat model registered as `name@champion`: the corpus of fictitious
     customers, the fine-tuned model and its evaluation kit are made first if not on disk
     (DVC stage `train_support_llm` makes the same folders)."""
     from forgetflow.llm.support_model import finetune_model, make_support_corpus
 
-    current = _champion(name, settings)
+    current = champion_version(name, settings)
     if current is not None:
         return current
     if not (out / "corpus.jsonl").exists() or not (out / "eval_kit" / "eval_kit_card.json").exists():
         make_support_corpus(params, out)
     if not (out / "model" / "model_card.json").exists():
         finetune_model(out / "corpus.jsonl", out / "model", params)
-    return register_model(name, out / "model", out / "eval_kit", params, settings)
+    return register_model(name, out / "model", out / "eval_kit", params, settings).champion_candidate

@@ -181,15 +181,25 @@ def llm_finetune(ctx: typer.Context, corpus: Path,
 
 @app.command()
 def register(ctx: typer.Context, name: str, model_dir: Path, eval_kit: Path = typer.Option(..., help="Evaluation kit folder (the judge for diffusion)."),
-             champion: bool = typer.Option(True, help="Make it @champion if the model has none.")):
+             champion: bool = typer.Option(True, help="Make it (or its serving version) @champion if the model has none."),
+             serving: bool = typer.Option(True, "--serving/--no-serving",
+                                          help="Diffusion: also distil a one-step version to serve and start requests "
+                                               "from (params diffusion.distill).")):
     """Register an existing forgetflow model folder (diffusion or LLM) in MLflow with its
-    evaluation kit (the judge for diffusion; roster + utility sets for LLMs)."""
-    from forgetflow.bootstrap import register_model
+    evaluation kit (the judge for diffusion; roster + utility sets for LLMs). A multi-step
+    diffusion model also gets a one-step version for serving, gated against it."""
+    from forgetflow.bootstrap import champion_version, register_model
 
     o = _opts(ctx)
     params, settings = _guard(_connect, o)
-    version = _guard(register_model, name, model_dir, eval_kit, params, settings, make_champion=champion)
-    console.print(f"registered {name} v{version}")
+    done = _guard(register_model, name, model_dir, eval_kit, params, settings, make_champion=champion,
+                  serving=serving, cache_dir=Path(o.state_dir) / "cache")
+    console.print(f"registered {name} v{done.version}")
+    if done.serving:
+        gates = ", ".join(f"{g.name} {g.value:.3g} {'ok' if g.passed else 'FAILED'}" for g in done.gates)
+        console.print(f"registered {name} v{done.serving}: its one-step version for serving ({gates})")
+    if champion:
+        console.print(f"{name}@champion is v{champion_version(name, settings)}")
 
 
 # ---- requests ---------------------------------------------------------------------------
@@ -461,7 +471,7 @@ def demo(ctx: typer.Context, quick: bool = typer.Option(False, "--quick", help="
     for fam in (("diffusion", "llm") if family == "all" else (family,)):
         name = DEMO_MODELS[fam][quick]
         ensure = ensure_demo_model if fam == "diffusion" else ensure_demo_llm
-        _guard(ensure, name, params, settings, Path("artifacts") / name)
+        _guard(ensure, name, params, settings, Path("artifacts") / name, Path(o.state_dir) / "cache")
         request = parse_request(_demo_request(fam, name, params, forget_class))
         entry, _ = _guard(lambda: Ledger(o.state_dir).submit(request))
         _run_request(o, entry.request_id)

@@ -113,6 +113,16 @@ class SamplerParams(_Section):
     batch_size: int = 200
 
 
+class SFDFromOneStepParams(_Section):
+    """SFD from a base that is already a one-step generator (the version distilled at
+    registration, or an earlier request's): the short forgetting stage of the paper's
+    two-stage variant. These replace the same-named settings of `sfd`."""
+
+    iterations: int = Field(90, ge=1)
+    lambda_f: float = 0.1
+    batch_remaining: int = Field(32, ge=1)
+
+
 class SFDParams(_Section):
     """Score Forgetting Distillation (Chen et al., ICLR 2025); names follow the paper."""
 
@@ -138,7 +148,21 @@ class SFDParams(_Section):
     checkpoint_every: int = 50
     log_every: int = Field(10, ge=1)  # iterations between loss-history rows
     sid_iterations: int = Field(100, ge=0)  # "sfd-two-stage" only: plain SiD before SFD
+    from_one_step: SFDFromOneStepParams = SFDFromOneStepParams()
     seed: int = 0
+
+    def for_base(self, kind: str) -> "SFDParams":
+        """The recipe for a base of this kind: `from_one_step` over the rest for a one-step base."""
+        return self.model_copy(update=self.from_one_step.model_dump()) if kind == "one-step" else self
+
+
+class DistillParams(_Section):
+    """At registration, a multi-step (DDPM) model also gets a one-step version for serving:
+    plain SiD (no forgetting), gated against it, made @champion when it passes. Every request
+    then starts from a one-step generator and runs only SFD's short forgetting stage."""
+
+    on_register: bool = True
+    iterations: int = Field(200, ge=1)
 
 
 class CalibrateParams(_Section):
@@ -187,6 +211,7 @@ class DiffusionParams(_Section):
     base: DiffusionBaseTrainParams = DiffusionBaseTrainParams()
     sampler: SamplerParams = SamplerParams()
     sfd: SFDParams = SFDParams()
+    distill: DistillParams = DistillParams()
     esd: ESDParams = ESDParams()
     calibrate: CalibrateParams = CalibrateParams()
     evaluate: EvaluateParams = EvaluateParams()

@@ -224,3 +224,26 @@ def test_a_corrupt_checkpoint_is_refused_never_loaded(registered, services, tmp_
     report = json.loads(Path(entry.report_path).read_text())
     assert report["status"] == "failed" and "state.pt" in report["error"]
     assert registry.alias_version(MODEL, "champion") == champion
+
+
+def test_registering_a_ddpm_also_registers_its_one_step_serving_version(services, tiny_teacher, judge_dir, tmp_path):
+    """With params diffusion.distill.on_register (the real preset's default), `register` also
+    distils a one-step version, registers it as the next version with its gates and its base,
+    and makes it @champion only when every gate passed (else the DDPM serves)."""
+    name = "digits-serving"
+    data = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
+    data["presets"]["tiny"]["diffusion"]["distill"] = {"on_register": True, "iterations": 20}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = forgetflow(tmp_path, Path(services.state_dir), "--params", str(path), "register", name, str(tiny_teacher),
+                     "--eval-kit", str(judge_dir))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert f"registered {name} v2: its one-step version for serving" in out.stdout
+    registry = Registry(services.mlflow_uri)
+    tags = registry.get_version(name, "2").tags
+    assert tags["forgetflow.base_version"] == "1" and "forgetflow.gate.nfe_reduction" in tags
+    assert "forgetflow.gate.unlearning_accuracy" not in tags  # nothing forgotten, nothing to gate
+    card = json.loads((registry.download(name, "2", tmp_path / "v2") / "model_card.json").read_text())
+    assert card["kind"] == "one-step" and card["forgotten"] == []
+    passed = tags["forgetflow.gates_passed"] == "true"
+    assert registry.alias_version(name, "champion") == ("2" if passed else "1")

@@ -30,9 +30,13 @@ CURVE_METRICS = ("unlearning_accuracy", "override_fidelity", "remaining_class_ac
 
 
 def diffusion_gates(base_metrics: dict, new_metrics: dict, gate_params: GateParams) -> list[Gate]:
-    return [
+    """The gates above; the forgetting ones only where something is forgotten (a version
+    distilled at registration forgets nothing and is gated on quality and NFE alone)."""
+    forgetting = [
         Gate("unlearning_accuracy", new_metrics["unlearning_accuracy"], gate_params.unlearning_accuracy_min, "min"),
         Gate("override_fidelity", new_metrics["override_fidelity"], gate_params.override_fidelity_min, "min"),
+    ] if new_metrics["unlearning_accuracy"] is not None else []
+    return forgetting + [
         Gate("remaining_accuracy_drop",
              base_metrics["remaining_class_accuracy"] - new_metrics["remaining_class_accuracy"],
              gate_params.remaining_accuracy_drop_max, "max"),

@@ -142,8 +142,6 @@ def merge_forget_pairs(previous: list[tuple[int, int]], new: list[tuple[int, int
             raise ValueError(f"class out of range in pair ({c_f}, {c_o}); classes are 0..{num_classes - 1}")
         if c_o in pairs:
             raise ValueError(f"override class {c_o} of {c_f} is itself forgotten")
-    if not pairs:
-        raise ValueError("no forget pairs given")
     return pairs
 
 
@@ -218,17 +216,18 @@ def train_sfd(
 ) -> Path:
     """Unlearn `forget_pairs` [(c_f, c_o)] from the version at base_dir; write a one-step version.
 
-    A one-step base (a chained request) keeps the lineage's pretrained teacher (its
-    `teacher/`) as f_phi and initialises G_theta from its `generator/` and f_psi from its
-    `score/`; its previously forgotten pairs stay in the forget term.
+    A one-step base (the version distilled at registration, or a chained request's) keeps
+    the lineage's pretrained teacher (its `teacher/`) as f_phi and initialises G_theta from its
+    `generator/` and f_psi from its `score/`; its previously forgotten pairs stay in the forget
+    term, and the recipe is `sfd.from_one_step` (a short forgetting stage) over `sfd`.
     With `checkpoints`, the full state is saved every sfd.checkpoint_every iterations and a
     call resumes from sink.latest(), continuing the same run exactly.
     """
     if method not in SFD_VARIANTS:
         raise ValueError(f"unknown SFD variant {method!r}; known: {sorted(SFD_VARIANTS)}")
-    sfd = params.diffusion.sfd
     device = device or resolve_device(params.compute)
     base = load_version(base_dir, device)
+    sfd = params.diffusion.sfd.for_base(base.card.kind)
     root = teacher_dir(base_dir)
     teacher = base if root == Path(base_dir) else load_version(root, device)
     card, scheduler = base.card, base.scheduler
@@ -239,6 +238,8 @@ def train_sfd(
                          f"params give {t_init} (sigma_init {sfd.sigma_init})")
     t_range = (t_for_sigma(scheduler, sfd.sigma_min), t_for_sigma(scheduler, sfd.sigma_max))
     stages = SFD_VARIANTS[method].stages(sfd)
+    if not pairs and any(s.forget for s in stages):
+        raise ValueError("no forget pairs given")
     total = sum(s.iterations for s in stages)
     run_id = {"method": method, "forget_pairs": sorted(pairs.items())}
 

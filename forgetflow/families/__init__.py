@@ -36,6 +36,12 @@ class Family(Protocol):
     def check_eval_kit(self, eval_kit: Path) -> None:
         """Raise FileNotFoundError if eval_kit is not this family's evaluation kit."""
 
+    def serving_version(self, model_dir: Path, eval_kit: Path, params: Params, out_dir: Path, *,
+                        cache_dir: Path | None = None, progress: bool = True) -> tuple[Path, list[Gate]] | None:
+        """A faster version to serve in place of a newly registered model, made once at
+        registration and gated against it (diffusion: a one-step generator distilled from a
+        multi-step one), or None when the family has nothing to make."""
+
     def check_target(self, request: DeletionRequest, model_dir: Path, params: Params) -> None:
         """Raise TargetError if the request cannot apply to this model version."""
 

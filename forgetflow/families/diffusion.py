@@ -124,6 +124,33 @@ class DiffusionFamily:
         (out_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2))
         return {"forget_pairs": len(pairs), "lineage_pairs": len(lineage)}
 
+    def serving_version(self, model_dir: Path, eval_kit: Path, params: Params, out_dir: Path, *,
+                        cache_dir: Path | None = None, progress: bool = True) -> tuple[Path, list[Gate]] | None:
+        """A multi-step (DDPM) model's one-step generator: plain SiD for distill.iterations (it
+        forgets nothing), its guidance scale calibrated, gated against the model on held-out
+        seeds (quality and NFE; there is nothing forgotten to gate). None for a one-step model
+        or with distill.on_register off. Requests from it run SFD's short forgetting stage
+        (sfd.from_one_step) instead of the whole distillation."""
+        from forgetflow.diffusion.calibrate import calibrate_guidance, diffusion_gates
+        from forgetflow.diffusion.evaluate import evaluate_version
+        from forgetflow.diffusion.sfd import SiD
+
+        distill = params.diffusion.distill
+        if _card(model_dir)["kind"] != "ddpm" or not distill.on_register:
+            return None
+        sid = params.model_copy(update={"diffusion": params.diffusion.model_copy(update={
+            "sfd": params.diffusion.sfd.model_copy(update={"iterations": distill.iterations})})})
+        SiD.unlearn(model_dir, out_dir, [], sid, progress=progress)
+        cal, ev = params.diffusion.calibrate, params.diffusion.evaluate
+        reference = evaluate_version(model_dir, eval_kit, [], params, seed=cal.seed, cache_dir=cache_dir,
+                                     samples_scale=cal.samples_per_class / ev.samples_per_remaining_class)
+        scale, _ = calibrate_guidance(out_dir, eval_kit, [], params, reference)
+        card_path = Path(out_dir) / "model_card.json"
+        card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "guidance_scale": scale}, indent=2))
+        base = evaluate_version(model_dir, eval_kit, [], params, seed=ev.seed, cache_dir=cache_dir, progress=progress)
+        new = evaluate_version(out_dir, eval_kit, [], params, seed=ev.seed, progress=progress)
+        return Path(out_dir), diffusion_gates(base, new, params.diffusion.gates)
+
     def unlearn(self, model_dir: Path, synth_dir: Path, out_dir: Path, params: Params, *,
                 method: str, base_version: str, checkpoints: CheckpointSink | None, progress: bool) -> Path:
         from forgetflow.diffusion.methods import get_method

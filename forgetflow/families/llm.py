@@ -73,6 +73,10 @@ class LLMFamily:
 
         return sorted(LLM_METHODS)
 
+    def serving_version(self, model_dir: Path, eval_kit: Path, params: Params, out_dir: Path, *,
+                        cache_dir: Path | None = None, progress: bool = True) -> None:
+        return None  # a chat model is served as registered
+
     def check_eval_kit(self, eval_kit: Path) -> None:
         from forgetflow.llm.evalkit import check_eval_kit
 
