@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from forgetflow.checkpoints import CheckpointSink, LocalCheckpointSink
-from forgetflow.config import GateParams
+from forgetflow.config import GateParams, SFDFromOneStepParams
 from forgetflow.diffusion.artifact import (ArtifactError, copy_teacher, load_version, new_scheduler, save_version,
                                           teacher_dir)
 from forgetflow.diffusion.calibrate import diffusion_gates
@@ -28,7 +28,8 @@ from tests.diffusion_fixtures import judge_dir, tiny_params, untrained_version, 
 # On the CPU, where kernels are deterministic, so that a resumed run can be compared bit for bit.
 CPU = torch.device("cpu")
 LOOP = {"batch_remaining": 4, "batch_forget": 2, "iterations": 6, "checkpoint_every": 2, "log_every": 2,
-        "ema_warmup_iterations": 1, "sid_iterations": 2}
+        "ema_warmup_iterations": 1, "sid_iterations": 2,
+        "from_one_step": SFDFromOneStepParams(iterations=4, lambda_f=0.1, batch_remaining=4)}
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +215,7 @@ def test_chained_request_keeps_the_union_and_the_lineage_teacher(untrained_versi
                                                                   tmp_path):
     chained = train_sfd(one_step_version, tmp_path / "chained", [(3, 5)], loop_params, device=CPU, progress=False)
     card = load_version(chained).card
+    assert card.hyperparameters["iterations"] == 4  # from a one-step base: sfd.from_one_step's short stage
     assert sorted(card.forgotten_pairs) == [(3, 5), (7, 8)]
     # every version of the lineage carries the pretrained DDPM, bit for bit, as its teacher
     assert teacher_dir(untrained_version) == untrained_version
