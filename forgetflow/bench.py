@@ -147,7 +147,7 @@ def diffusion_trials(params: Params, work: Path, methods: list[str], seeds: int,
     model), "serving" to distil the one-step version a registration makes (None if none)).
     The FROM_SERVING methods start from that version, as the pipeline's requests do; the
     others from the base."""
-    from forgetflow.diffusion.calibrate import calibrate_guidance, diffusion_gates
+    from forgetflow.diffusion.calibrate import calibrate_version, diffusion_gates
     from forgetflow.diffusion.evaluate import evaluate_version
     from forgetflow.diffusion.judge import train_judge
     from forgetflow.diffusion.methods import get_method
@@ -188,12 +188,7 @@ def diffusion_trials(params: Params, work: Path, methods: list[str], seeds: int,
                     get_method(method).unlearn(start_from, out, [pair], p, device=device, progress=progress)
             seconds = time.perf_counter() - start
             if json.loads((out / "model_card.json").read_text())["kind"] == "one-step":  # a DDPM keeps its recipe's scale
-                calibration = evaluate_version(base, judge, [pair], p, seed=p.diffusion.calibrate.seed, device=device,
-                                               cache_dir=cache, samples_scale=p.diffusion.calibrate.samples_per_class
-                                               / ev.samples_per_remaining_class)
-                scale, _ = calibrate_guidance(out, judge, [pair], p, calibration, device=device)
-                card_path = out / "model_card.json"
-                card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "guidance_scale": scale}, indent=2))
+                calibrate_version(out, base, judge, [pair], p, device=device, cache_dir=cache)
             new = evaluate_version(out, judge, [pair], p, seed=ev.seed, device=device, cache_dir=cache)
             request_s = time.perf_counter() - start
             gates = diffusion_gates(base_metrics, new, p.diffusion.gates)

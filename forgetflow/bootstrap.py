@@ -137,4 +137,5 @@ def ensure_demo_llm(name: str, params: Params, settings: Settings, out: Path, ca
         make_support_corpus(params, out)
     if not (out / "model" / "model_card.json").exists():
         finetune_model(out / "corpus.jsonl", out / "model", params)
-    return register_model(name, out / "model", out / "eval_kit", params, settings).champion_candidate
+    return register_model(name, out / "model", out / "eval_kit", params, settings,
+                          cache_dir=cache_dir).champion_candidate

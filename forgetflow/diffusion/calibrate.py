@@ -18,6 +18,7 @@ else the scale with the largest worst-gate margin.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -85,3 +86,18 @@ def calibrate_guidance(
     if passing:
         return passing[0], rows
     return rows[max(range(len(rows)), key=margins.__getitem__)]["guidance_scale"], rows
+
+
+def calibrate_version(version_dir: Path, reference_dir: Path, judge_dir: Path, forget_pairs: list[tuple[int, int]],
+                      params: Params, *, device: torch.device | None = None,
+                      cache_dir: Path | None = None) -> tuple[float, list[dict]]:
+    """Calibrate `version_dir` against `reference_dir` (the lineage's DDPM teacher, measured on
+    the calibration seed) and write the chosen scale into its model card; (scale, curve)."""
+    cal = params.diffusion.calibrate
+    reference = evaluate_version(reference_dir, judge_dir, forget_pairs, params, seed=cal.seed, device=device,
+                                 samples_scale=cal.samples_per_class / params.diffusion.evaluate.samples_per_remaining_class,
+                                 cache_dir=cache_dir)
+    scale, curve = calibrate_guidance(version_dir, judge_dir, forget_pairs, params, reference, device=device)
+    card_path = Path(version_dir) / "model_card.json"
+    card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "guidance_scale": scale}, indent=2))
+    return scale, curve

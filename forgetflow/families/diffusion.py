@@ -131,7 +131,7 @@ class DiffusionFamily:
         seeds (quality and NFE; there is nothing forgotten to gate). None for a one-step model
         or with distill.on_register off. Requests from it run SFD's short forgetting stage
         (sfd.from_one_step) instead of the whole distillation."""
-        from forgetflow.diffusion.calibrate import calibrate_guidance, diffusion_gates
+        from forgetflow.diffusion.calibrate import calibrate_version, diffusion_gates
         from forgetflow.diffusion.evaluate import evaluate_version
         from forgetflow.diffusion.sfd import SiD
 
@@ -141,12 +141,8 @@ class DiffusionFamily:
         sid = params.model_copy(update={"diffusion": params.diffusion.model_copy(update={
             "sfd": params.diffusion.sfd.model_copy(update={"iterations": distill.iterations})})})
         SiD.unlearn(model_dir, out_dir, [], sid, progress=progress)
-        cal, ev = params.diffusion.calibrate, params.diffusion.evaluate
-        reference = evaluate_version(model_dir, eval_kit, [], params, seed=cal.seed, cache_dir=cache_dir,
-                                     samples_scale=cal.samples_per_class / ev.samples_per_remaining_class)
-        scale, _ = calibrate_guidance(out_dir, eval_kit, [], params, reference)
-        card_path = Path(out_dir) / "model_card.json"
-        card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "guidance_scale": scale}, indent=2))
+        calibrate_version(out_dir, model_dir, eval_kit, [], params, cache_dir=cache_dir)
+        ev = params.diffusion.evaluate
         base = evaluate_version(model_dir, eval_kit, [], params, seed=ev.seed, cache_dir=cache_dir, progress=progress)
         new = evaluate_version(out_dir, eval_kit, [], params, seed=ev.seed, progress=progress)
         return Path(out_dir), diffusion_gates(base, new, params.diffusion.gates)
@@ -162,20 +158,10 @@ class DiffusionFamily:
     def calibrate(self, base_dir: Path, new_dir: Path, synth_dir: Path, eval_kit: Path,
                   params: Params, out_dir: Path, *, cache_dir: Path | None = None) -> tuple[float, list[dict]]:
         from forgetflow.diffusion.artifact import teacher_dir
-        from forgetflow.diffusion.calibrate import calibrate_guidance
-        from forgetflow.diffusion.evaluate import evaluate_version
+        from forgetflow.diffusion.calibrate import calibrate_version
 
-        pairs = _all_pairs(synth_dir)
-        cal = params.diffusion.calibrate
-        reference = evaluate_version(teacher_dir(base_dir), eval_kit, pairs, params, seed=cal.seed,
-                                     samples_scale=cal.samples_per_class / params.diffusion.evaluate.samples_per_remaining_class,
-                                     cache_dir=cache_dir)
-        scale, curve = calibrate_guidance(new_dir, eval_kit, pairs, params, reference)
-        card_path = Path(new_dir) / "model_card.json"
-        card = json.loads(card_path.read_text())
-        card["guidance_scale"] = scale
-        card_path.write_text(json.dumps(card, indent=2))
-        return scale, curve
+        return calibrate_version(new_dir, teacher_dir(base_dir), eval_kit, _all_pairs(synth_dir), params,
+                                 cache_dir=cache_dir)
 
     def evaluate(self, base_dir: Path, new_dir: Path, synth_dir: Path, eval_kit: Path,
                  params: Params, out_dir: Path, *, cache_dir: Path | None = None) -> dict:
