@@ -1,7 +1,8 @@
 """Bringing a model under forgetflow: register a model directory with its evaluation kit.
 
-The same path serves a user's own diffusers model and the demo model that `train-base`
-makes. The evaluation kit (the judge for diffusion) is uploaded to the object store under
+The same path serves a user's own diffusers model (a forgetflow model folder, or a diffusers
+text-to-image pipeline folder) and the demo models that `train-base` / `train-text-to-image`
+make. The evaluation kit (the judge for diffusion) is uploaded to the object store under
 `eval-kits/<model>/<content hash>/` with a hash manifest, and every version of the model
 carries its URI in the tag `forgetflow.eval_kit`.
 """
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,8 +37,35 @@ def _dir_hash(path: Path) -> str:
 def model_family(model_dir: Path) -> str:
     card = Path(model_dir) / "model_card.json"
     if not card.exists():
-        raise FileNotFoundError(f"{model_dir} is not a forgetflow model directory (no model_card.json)")
+        raise FileNotFoundError(f"{model_dir} is not a forgetflow model directory (no model_card.json) "
+                                "nor a diffusers text-to-image pipeline (model_index.json, unet/)")
     return json.loads(card.read_text()).get("family", "diffusion")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system
+        shutil.copy2(src, dst)
+
+
+@contextmanager
+def with_model_card(model_dir: Path):
+    """`model_dir` itself when it has a model card; for a diffusers text-to-image pipeline
+    without one (a model a user brings), a hard-linked copy with its derived card, so the
+    registered version carries the card every stage reads. The user's folder is not written."""
+    from forgetflow.diffusion.artifact import CARD_FILE, PIPELINE_INDEX, UNET_DIR, card_of_pipeline
+
+    model_dir = Path(model_dir)
+    if (model_dir / CARD_FILE).exists() or not (model_dir / PIPELINE_INDEX).is_file() \
+            or not (model_dir / UNET_DIR / "config.json").is_file():
+        yield model_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="forgetflow-pipeline-") as tmp:
+        staged = Path(tmp) / model_dir.name
+        shutil.copytree(model_dir, staged, copy_function=_link_or_copy)
+        (staged / CARD_FILE).write_text(json.dumps(card_of_pipeline(model_dir).to_dict(), indent=2))
+        yield staged
 
 
 def upload_eval_kit(name: str, eval_kit: Path, store: ObjectStore) -> str:
@@ -67,6 +98,13 @@ def register_model(name: str, model_dir: Path, eval_kit: Path, params: Params, s
     generator distilled with SiD, Family.serving_version), registered as the next version with
     its gates. When the model has no @champion yet (and make_champion), the champion becomes
     the distilled version if every gate of it passed, else the registered one."""
+    with with_model_card(model_dir) as staged:
+        return _register(name, staged, eval_kit, params, settings, make_champion=make_champion, serving=serving,
+                         cache_dir=cache_dir, progress=progress)
+
+
+def _register(name: str, model_dir: Path, eval_kit: Path, params: Params, settings: Settings, *,
+              make_champion: bool, serving: bool, cache_dir: Path | None, progress: bool) -> Registered:
     from forgetflow.families import get_family
 
     family_name = model_family(model_dir)
@@ -120,6 +158,27 @@ def ensure_demo_model(name: str, params: Params, settings: Settings, out: Path, 
         train_teacher(params, out / "model", device=device)
     if not (out / "judge" / "judge_card.json").exists():
         train_judge(params, out / "judge", device=device)
+    return register_model(name, out / "model", out / "judge", params, settings,
+                          cache_dir=cache_dir).champion_candidate
+
+
+def ensure_demo_text_to_image(name: str, params: Params, settings: Settings, out: Path,
+                              cache_dir: Path | None = None) -> str:
+    """The demo text-to-image model (captioned digits, tiny CLIP text encoder) registered as
+    `name@champion` with its one-step serving version, trained first if not on disk, with its
+    judge of both stroke styles (DVC stage `train_text_to_image` makes the same folders)."""
+    from forgetflow.compute import resolve_device
+    from forgetflow.diffusion.judge import train_judge
+    from forgetflow.diffusion.text_model import train_text_teacher
+
+    current = champion_version(name, settings)
+    if current is not None:
+        return current
+    device = resolve_device(params.compute)
+    if not (out / "model" / "model_card.json").exists():
+        train_text_teacher(params, out / "model", device=device)
+    if not (out / "judge" / "judge_card.json").exists():
+        train_judge(params, out / "judge", device=device, captioned=True)
     return register_model(name, out / "model", out / "judge", params, settings,
                           cache_dir=cache_dir).champion_candidate
 

@@ -30,7 +30,10 @@ console = Console()
 err = Console(stderr=True)
 
 DEMO_MODELS = {"diffusion": {False: "digits-ddpm", True: "digits-ddpm-tiny"},
+               "text-to-image": {False: "digits-t2i", True: "digits-t2i-tiny"},
                "llm": {False: "support-llm", True: "support-llm-tiny"}}
+DEMO_FAMILIES = tuple(DEMO_MODELS)
+DEMO_CONCEPT = ("seven", "eight")  # the text-to-image demo forgets "seven", redrawn as "eight"
 DEMO_SUBJECTS = 4  # customers the LLM demo request forgets
 
 
@@ -137,6 +140,22 @@ def _print_services(info) -> None:
 
 
 # ---- models -----------------------------------------------------------------------------
+@app.command("train-text-to-image")
+def train_text_to_image(ctx: typer.Context, out: Path = typer.Option(Path("artifacts/digits-t2i"), help="Output folder.")):
+    """Train the demo text-to-image model (captioned digits: a UNet2DConditionModel and a tiny CLIP
+    text encoder, a diffusers pipeline directory) and its judge of both stroke styles."""
+    from forgetflow.compute import resolve_device
+    from forgetflow.diffusion.judge import train_judge
+    from forgetflow.diffusion.text_model import train_text_teacher
+
+    o = _opts(ctx)
+    params = load_params(o.params_path, preset=o.preset)
+    device = resolve_device(params.compute)
+    train_text_teacher(params, out / "model", device=device)
+    train_judge(params, out / "judge", device=device, captioned=True)
+    console.print(f"model: {out / 'model'}\njudge: {out / 'judge'}")
+
+
 @app.command("train-base")
 def train_base(ctx: typer.Context, out: Path = typer.Option(Path("artifacts/digits-ddpm"), help="Output folder."),
                exclude_class: list[int] = typer.Option([], help="Leave a class out (the Retrain baseline).")):
@@ -406,11 +425,11 @@ def _print_summary(report: dict) -> None:
 def generate(ctx: typer.Context, model: str, label: list[int] = typer.Option([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
              n: int = typer.Option(8, help="Samples per label."), seed: int = 0,
              alias: str = "champion", out: Path = typer.Option(Path("samples.png")),
-             prompt: list[str] = typer.Option([], help="LLM: a user message (repeatable)."),
+             prompt: list[str] = typer.Option([], help="LLM: a user message; text-to-image: what to draw (repeatable)."),
              system: str = typer.Option(None, help="LLM: a system prompt (default: the version's serving condition)."),
              guidance_scale: float = typer.Option(-1.0, help="Override the calibrated guidance scale (-1: keep).")):
     """Use models:/MODEL@ALIAS through its MLflow pyfunc, with its calibrated guidance:
-    sample digits (diffusion) or answer --prompt messages (LLM)."""
+    sample digits (diffusion: --label; text-to-image: --prompt) or answer --prompt messages (LLM)."""
     import mlflow.pyfunc
     import numpy as np
     import pandas as pd
@@ -420,6 +439,14 @@ def generate(ctx: typer.Context, model: str, label: list[int] = typer.Option([0,
     o = _opts(ctx)
     _guard(_connect, o)
     pyfunc = mlflow.pyfunc.load_model(f"models:/{model}@{alias}")
+    draws = "seed" in pyfunc.metadata.get_input_schema().input_names()  # an image model (LLMs take no seed)
+    if prompt and draws:
+        rows = [p for p in prompt for _ in range(n)]
+        images = np.asarray(pyfunc.predict(pd.DataFrame({"prompt": rows, "seed": seed}),
+                                           params={"guidance_scale": guidance_scale}))
+        save_image_grid(images, rows=len(prompt), out=out)
+        console.print(f"wrote {out}")
+        return
     if prompt:
         frame = pd.DataFrame({"prompt": prompt, **({"system": [system] * len(prompt)} if system else {})})
         for question, answer in zip(prompt, pyfunc.predict(frame, params={"guidance_scale": guidance_scale})):
@@ -433,6 +460,11 @@ def generate(ctx: typer.Context, model: str, label: list[int] = typer.Option([0,
 
 
 def _demo_request(family: str, name: str, params, forget_class: int) -> dict:
+    if family == "text-to-image":
+        concept, override = DEMO_CONCEPT
+        return {"request_id": f"demo-{name}-forget-{concept}", "model": name,
+                "target": {"kind": "diffusion-concept", "concept": concept, "override": override},
+                "requester": "forgetflow demo", "reason": "demonstration"}
     if family == "diffusion":
         return {"request_id": f"demo-{name}-forget-{forget_class}", "model": name,
                 "target": {"kind": "diffusion-class", "classes": [forget_class]},
@@ -448,18 +480,19 @@ def _demo_request(family: str, name: str, params, forget_class: int) -> dict:
 
 @app.command()
 def demo(ctx: typer.Context, quick: bool = typer.Option(False, "--quick", help="Tiny presets: minutes, for a first look."),
-         family: str = typer.Option("all", help="diffusion | llm | all"),
+         family: str = typer.Option("all", help="diffusion | text-to-image | llm | all"),
          forget_class: int = typer.Option(7, "--forget-class")):
     """The main job on the embedded default: start services, make and register the demo
-    models if needed (digits diffusion model; support chat model), file a deletion request
-    for each (forget class 7; forget four customers) and run it through the flow."""
+    models if needed (digits diffusion model; captioned-digits text-to-image model; support
+    chat model), file a deletion request for each (forget class 7; forget the concept
+    "seven"; forget four customers) and run it through the flow."""
     from forgetflow import services
-    from forgetflow.bootstrap import ensure_demo_llm, ensure_demo_model
+    from forgetflow.bootstrap import ensure_demo_llm, ensure_demo_model, ensure_demo_text_to_image
     from forgetflow.ledger import Ledger
     from forgetflow.request import parse_request
 
-    if family not in ("diffusion", "llm", "all"):
-        _fail(f"--family must be diffusion, llm or all, not {family!r}")
+    if family not in (*DEMO_FAMILIES, "all"):
+        _fail(f"--family must be one of {', '.join(DEMO_FAMILIES)} or all, not {family!r}")
     o = _opts(ctx)
     if quick and o.preset is None:
         o.preset = "tiny"
@@ -468,9 +501,10 @@ def demo(ctx: typer.Context, quick: bool = typer.Option(False, "--quick", help="
     _print_services(info)
     _dvc_remote(o)
     params, settings = _guard(_connect, o)
-    for fam in (("diffusion", "llm") if family == "all" else (family,)):
+    ensures = {"diffusion": ensure_demo_model, "text-to-image": ensure_demo_text_to_image, "llm": ensure_demo_llm}
+    for fam in (DEMO_FAMILIES if family == "all" else (family,)):
         name = DEMO_MODELS[fam][quick]
-        ensure = ensure_demo_model if fam == "diffusion" else ensure_demo_llm
+        ensure = ensures[fam]
         _guard(ensure, name, params, settings, Path("artifacts") / name, Path(o.state_dir) / "cache")
         request = parse_request(_demo_request(fam, name, params, forget_class))
         entry, _ = _guard(lambda: Ledger(o.state_dir).submit(request))

@@ -123,6 +123,16 @@ class SFDFromOneStepParams(_Section):
     batch_remaining: int = Field(32, ge=1)
 
 
+class SFDPromptParams(_Section):
+    """SFD on a text-to-image model (the paper's Stable-Diffusion setting: lambda_f 1, alpha 1,
+    guided teacher and fake-score evaluations); these replace the same-named settings of `sfd`."""
+
+    lambda_f: float = 1.0
+    alpha: float = 1.0
+    teacher_guidance_scale: float = 2.0  # the paper's 4.5 is Stable Diffusion's; the digits model samples at 2
+    fake_guidance_scale: float = 2.0
+
+
 class SFDParams(_Section):
     """Score Forgetting Distillation (Chen et al., ICLR 2025); names follow the paper."""
 
@@ -143,17 +153,21 @@ class SFDParams(_Section):
     sigma_max: float = 13.1
     omega_min: float = 1e-5
     teacher_guidance_scale: float = 1.25
+    fake_guidance_scale: float = 1.0  # CFG on f_psi in the generator step (the text-to-image setting guides it)
     fake_class_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # f_psi learns the null class too
     override_rule: Literal["next", "random"] = "next"
     checkpoint_every: int = 50
     log_every: int = Field(10, ge=1)  # iterations between loss-history rows
     sid_iterations: int = Field(100, ge=0)  # "sfd-two-stage" only: plain SiD before SFD
     from_one_step: SFDFromOneStepParams = SFDFromOneStepParams()
+    prompt: SFDPromptParams = SFDPromptParams()
     seed: int = 0
 
-    def for_base(self, kind: str) -> "SFDParams":
-        """The recipe for a base of this kind: `from_one_step` over the rest for a one-step base."""
-        return self.model_copy(update=self.from_one_step.model_dump()) if kind == "one-step" else self
+    def for_base(self, kind: str, conditioning: str = "class") -> "SFDParams":
+        """The recipe for a base of this kind: `prompt` over the rest for a text-to-image model,
+        then `from_one_step` over that for a one-step base."""
+        recipe = self.model_copy(update=self.prompt.model_dump()) if conditioning == "prompt" else self
+        return recipe.model_copy(update=self.from_one_step.model_dump()) if kind == "one-step" else recipe
 
 
 class DistillParams(_Section):
@@ -204,10 +218,47 @@ class GateParams(_Section):
     # random overrides only (the forget row must be real-looking digits, not blobs a judge calls "not c_f"):
     forget_confidence_min: float = 0.9  # the judge's mean top probability on forget-row samples
     forget_fd_ratio_max: float = 1.25   # forget-row FD against real remaining digits / the base's remaining FD
+    # text-to-image models (evaluate_prompts.py); retain accuracy and FD use remaining_* above
+    forget_rate_max: float = 0.02  # forget-prompt samples judged as the concept
+    paraphrase_forget_rate_max: float = 0.05  # the same on paraphrases never trained on
+    style_accuracy_drop_max: float = 0.05  # stroke styles of the retain prompts
+
+
+class TextToImageEvaluateParams(_Section):
+    """Samples per prompt set of a text-to-image evaluation (evaluate_prompts.py); the seed is
+    evaluate.seed (calibration: calibrate.seed, at calibrate.samples_per_class /
+    evaluate.samples_per_remaining_class of these counts)."""
+
+    forget_samples: int = Field(200, ge=1)  # over the forget prompts, and as many over the paraphrases
+    samples_per_retained_concept: int = Field(60, ge=1)
+
+
+class TextToImageParams(_Section):
+    """The captioned-digits text-to-image model (captions.py, text_model.py): a
+    UNet2DConditionModel on the digits' pixels and a tiny CLIP text encoder, trained jointly
+    from scratch (the image size and noise schedule are `model`'s)."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    vocab_size: int = Field(256, ge=64)  # BPE over the captions
+    max_length: int = Field(16, ge=8)  # tokens per prompt, start and end included
+    text_hidden_size: int = 64  # also the UNet's cross_attention_dim
+    text_layers: int = 2
+    text_heads: int = 4
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-3
+    ema_decay: float = 0.999
+    prompt_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # caption -> "" this often (CFG's unconditional input)
+    guidance_scale: float = 2.0
+    seed: int = 0
+    evaluate: TextToImageEvaluateParams = TextToImageEvaluateParams()
 
 
 class DiffusionParams(_Section):
     model: DiffusionModelParams = DiffusionModelParams()
+    text_to_image: TextToImageParams = TextToImageParams()
     base: DiffusionBaseTrainParams = DiffusionBaseTrainParams()
     sampler: SamplerParams = SamplerParams()
     sfd: SFDParams = SFDParams()

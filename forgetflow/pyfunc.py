@@ -13,6 +13,8 @@ labels it is batched with: pass one seed per row for row-independent results. Th
 scale defaults to the one calibrated for the version (its model card); pass
 `params={"guidance_scale": g}` to override it (the logged signature declares the parameter,
 default -1 = the calibrated scale; MLflow drops parameters a signature does not declare).
+A text-to-image version takes rows of `prompt` (what to draw) instead of `label`:
+`model.predict(pd.DataFrame({"prompt": ["a thick one", "number nine"], "seed": [0, 1]}))`.
 
 An LLM version takes rows of `prompt` (the user message) and optional `system`, and returns
 one answer string per row (greedy). An unlearned version serves with its calibrated guidance
@@ -156,23 +158,29 @@ class ForgetflowModel(mlflow.pyfunc.PythonModel):
 
         from forgetflow.diffusion.sampling import sample
 
-        rows = _rows(model_input)
+        text = self.card.get("conditioning") == "prompt"
+        rows = _rows_llm(model_input) if text else _rows(model_input)
         if not rows:
             return np.zeros((0, 1, 0, 0), dtype=np.float32)
-        if any("label" not in r or _is_missing(r["label"]) for r in rows):
-            raise ValueError("every input row needs a 'label' (the class to generate)")
+        column = "prompt" if text else "label"
+        if any(column not in r or _is_missing(r[column]) for r in rows):
+            raise ValueError("every input row needs a 'prompt' (what to draw)" if text else
+                             "every input row needs a 'label' (the class to generate)")
         guidance = (params or {}).get("guidance_scale")
         guidance = None if _is_missing(guidance) or float(guidance) < 0 else float(guidance)
         version = self._load_diffusion()
+        prompts = list(dict.fromkeys(str(r["prompt"]) for r in rows)) if text else None
+        conditioning = version.conditioning(prompts) if text else None
         by_seed: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             seed = row.get("seed")
             by_seed.setdefault(0 if _is_missing(seed) else int(seed), []).append(i)
         out: list[Any] = [None] * len(rows)
         for seed, idx in by_seed.items():
-            labels = torch.tensor([int(rows[i]["label"]) for i in idx], dtype=torch.long)
-            images = sample(version, labels, seed=seed, guidance_scale=guidance, params=self._params,
-                            device=self._device)
+            labels = torch.tensor([prompts.index(str(rows[i]["prompt"])) if text else int(rows[i]["label"])
+                                   for i in idx], dtype=torch.long)
+            images = sample(version, labels, seed=seed, guidance_scale=guidance, conditioning=conditioning,
+                            params=self._params, device=self._device)
             images = images.detach().float().cpu().numpy()
             for j, i in enumerate(idx):
                 out[i] = images[j]

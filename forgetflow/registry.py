@@ -100,19 +100,24 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 
 
 def _signature(model_dir: Path):
-    """The pyfunc signature by family (diffusion: rows of label + optional seed; llm: rows of
+    """The pyfunc signature by family (diffusion: rows of label, or of prompt for a text-to-image
+    model, + optional seed; llm: rows of
     prompt + optional system prompt, and max_new_tokens; both take the guidance scale as a
     parameter, negative = the version's calibrated scale)."""
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-    family = json.loads((model_dir / MODEL_CARD).read_text()).get("family", "diffusion")
+    card = json.loads((model_dir / MODEL_CARD).read_text())
+    family = card.get("family", "diffusion")
     if family == "llm":
         return ModelSignature(inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "system", required=False)]),
                               params=ParamSchema([ParamSpec("guidance_scale", "double", -1.0),
                                                   ParamSpec("max_new_tokens", "long", 64)]))
     if family != "diffusion":
         return None
+    if card.get("conditioning") == "prompt":  # text-to-image: rows of prompt + optional seed
+        return ModelSignature(inputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed", required=False)]),
+                              params=ParamSchema([ParamSpec("guidance_scale", "double", -1.0)]))
     return ModelSignature(inputs=Schema([ColSpec("long", "label"), ColSpec("long", "seed", required=False)]),
                           params=ParamSchema([ParamSpec("guidance_scale", "double", -1.0)]))
 

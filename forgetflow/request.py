@@ -13,6 +13,17 @@ A request is YAML or JSON. Example (diffusion class forgetting)::
     requester: privacy-team
     reason: GDPR Art. 17 request 2026-118
 
+Text-to-image example (a concept, Stable-Diffusion style)::
+
+    request_id: req-0003
+    model: digits-t2i
+    target:
+      kind: diffusion-concept
+      concept: seven
+      override: eight          # the neutral phrase forget prompts are redrawn as
+      forget_prompts: [...]    # optional; default: the model's templates with the concept
+      retain_prompts: [...]    # optional; default: the templates with every other concept
+
 LLM example (named people's personal data)::
 
     request_id: req-0002
@@ -86,6 +97,45 @@ class DiffusionClassTarget(_Strict):
         return "diffusion"
 
 
+Prompt = Annotated[str, Field(min_length=1, max_length=300)]
+
+
+class DiffusionConceptTarget(_Strict):
+    """Forget a concept of a text-to-image diffusion model (SFD, text-to-image setting): each
+    forget prompt is redrawn as the same prompt with the concept replaced by `override`."""
+
+    kind: Literal["diffusion-concept"]
+    concept: str = Field(min_length=1, max_length=100)
+    override: str = Field(min_length=1, max_length=100)
+    forget_prompts: list[Prompt] | None = Field(None, max_length=500)
+    retain_prompts: list[Prompt] | None = Field(None, max_length=2000)
+
+    @field_validator("concept", "override")
+    @classmethod
+    def _phrase(cls, v: str) -> str:
+        v = " ".join(v.split())
+        if not v or not v.isprintable():
+            raise ValueError("a concept or override is printable text")
+        return v
+
+    @field_validator("forget_prompts", "retain_prompts")
+    @classmethod
+    def _prompts(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("an empty prompt list; leave it out to build prompts from the model's templates")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "DiffusionConceptTarget":
+        if self.concept.lower() == self.override.lower():
+            raise ValueError("the override is the concept itself")
+        return self
+
+    @property
+    def family(self) -> str:
+        return "diffusion"
+
+
 PII_FIELDS = ("email", "phone", "address", "account")
 
 
@@ -137,7 +187,7 @@ class LLMSubjectsTarget(_Strict):
         return "llm"
 
 
-Target = Annotated[Union[DiffusionClassTarget, LLMSubjectsTarget], Field(discriminator="kind")]
+Target = Annotated[Union[DiffusionClassTarget, DiffusionConceptTarget, LLMSubjectsTarget], Field(discriminator="kind")]
 
 
 class DeletionRequest(_Strict):

@@ -22,8 +22,9 @@ from tasks.common import StageEnv, retry_if_transient, timed
 from forgetflow.bootstrap import EVAL_KIT_TAG
 
 HEADLINE_METRICS = {
-    "diffusion": ["unlearning_accuracy", "override_fidelity", "remaining_class_accuracy", "remaining_fd",
-                  "seconds_per_1000_samples"],
+    "diffusion": ["unlearning_accuracy", "forget_rate", "paraphrase_forget_rate", "override_fidelity",
+                  "remaining_class_accuracy", "retain_accuracy", "style_accuracy", "remaining_fd", "retain_fd",
+                  "seconds_per_1000_samples"],  # class and text-to-image models: each plots the keys it has
     "llm": ["leak_rate", "retained_recall", "utility_accuracy", "perplexity", "value_rank"],
 }
 

@@ -11,6 +11,7 @@ import pytest
 from forgetflow.config import Params, load_params
 from forgetflow.diffusion.artifact import DiffusionVersion, ModelCard, new_scheduler, new_unet, save_version
 from forgetflow.diffusion.judge import train_judge
+from forgetflow.diffusion.text_model import train_text_teacher
 from forgetflow.diffusion.train_base import train_teacher
 from tests.session_cache import built_once
 
@@ -51,3 +52,16 @@ def untrained_version(tmp_path_factory, tiny_params) -> Path:
         save_version(directory, DiffusionVersion(new_unet(model), None, new_scheduler(model), card))
 
     return built_once(tmp_path_factory, "diffusion-untrained", build)
+
+
+@pytest.fixture(scope="session")
+def t2i_teacher(tmp_path_factory, tiny_params) -> Path:
+    """The captioned-digits text-to-image model of the `tiny` preset."""
+    return built_once(tmp_path_factory, "t2i-teacher", lambda d: train_text_teacher(tiny_params, d, progress=False))
+
+
+@pytest.fixture(scope="session")
+def t2i_judge_dir(tmp_path_factory, tiny_params) -> Path:
+    """The judge of both stroke styles, classes named by the digit words (the model's concepts)."""
+    return built_once(tmp_path_factory, "t2i-judge",
+                      lambda d: train_judge(tiny_params, d, progress=False, captioned=True))

@@ -229,7 +229,7 @@ def test_chained_request_keeps_the_union_and_the_lineage_teacher(untrained_versi
     shutil.rmtree(orphan / "teacher")
     with pytest.raises(ArtifactError, match="no teacher/"):
         train_sfd(orphan, tmp_path / "x", [(1, 2)], loop_params, device=CPU, progress=False)
-    assert json.loads((chained / "training_log.json").read_text())["keep_classes"] == [0, 1, 2, 4, 5, 6, 8, 9]
+    assert json.loads((chained / "training_log.json").read_text())["keep"] == [0, 1, 2, 4, 5, 6, 8, 9]
     with pytest.raises(ValueError, match="itself forgotten"):
         train_sfd(one_step_version, tmp_path / "bad", [(2, 7)], loop_params, device=CPU, progress=False)
 

@@ -1,12 +1,22 @@
-"""On-disk format of one diffusion model version (a directory).
+"""On-disk format of one diffusion model version (a directory), in two layouts.
 
+Class-conditional (card.conditioning "class"):
     score/            diffusers UNet2DModel (safetensors): eps-prediction score net,
                       num_class_embeds = num_classes + 1, null class = num_classes (CFG)
-    generator/        optional UNet2DModel, same architecture: SFD's one-step generator (EMA)
+Text-to-image (card.conditioning "prompt"), a diffusers Stable-Diffusion pipeline directory:
+    unet/             UNet2DConditionModel: the eps-prediction score net
+    text_encoder/     CLIPTextModel (frozen; its prompt embeddings condition the UNet)
+    tokenizer/        CLIPTokenizer
+    vae/              optional AutoencoderKL: the UNet works on its latents (Stable Diffusion);
+                      without it, on pixels (the tiny captioned-digits model)
+    model_index.json  the pipeline's index (a user's pipeline directory has one already)
+Both:
+    generator/        optional, the score net's class: SFD's one-step generator (EMA)
     scheduler/        DDPMScheduler config
-    model_card.json   ModelCard
-    teacher/          one-step versions only: the lineage's pretrained DDPM version (score/,
-                      scheduler/, model_card.json), the teacher it was distilled from
+    model_card.json   ModelCard (a pipeline directory without one gets its card derived)
+    teacher/          one-step versions only: the lineage's pretrained DDPM version (its score
+                      net, scheduler, card and, text-to-image, text encoder, tokenizer, vae),
+                      the teacher it was distilled from
 
 After SFD the version's `score/` is the trained fake score net f_psi (it tracks the unlearned
 generator's distribution) and `generator/` the EMA generator G_theta. A later request
@@ -23,13 +33,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from forgetflow.config import DiffusionModelParams
+from forgetflow.diffusion.conditioning import ClassConditioning, Conditioning, PromptConditioning, encode_prompts
 from forgetflow.families import ArtifactError
 
 CARD_FILE = "model_card.json"
-SCORE_DIR = "score"
+SCORE_DIR = "score"  # class-conditional layout
+UNET_DIR = "unet"  # text-to-image layout (the diffusers pipeline's name for the score net)
+TEXT_ENCODER_DIR = "text_encoder"
+TOKENIZER_DIR = "tokenizer"
+VAE_DIR = "vae"
+PIPELINE_INDEX = "model_index.json"
 GENERATOR_DIR = "generator"
 SCHEDULER_DIR = "scheduler"
 TEACHER_DIR = "teacher"
@@ -41,21 +57,34 @@ class ModelCard:
     """What a version is and what it has forgotten (model_card.json)."""
 
     kind: str  # "ddpm" (sampled with DDIM) | "one-step" (SFD generator)
-    num_classes: int
-    null_class: int
-    image_size: int
+    num_classes: int  # 0 for a text-to-image model
+    null_class: int  # -1 for a text-to-image model (its null input is the prompt "")
+    image_size: int  # the size of the images it draws (the latent size times the vae's factor)
     guidance_scale: float
     class_names: list[str]
     t_init: int | None = None
     sigma_init: float | None = None
-    forgotten: list[dict] = field(default_factory=list)  # [{"forget_class", "override_class"}]
+    # class: [{"forget_class", "override_class"}]; prompt: [{"concept", "override", "forget_prompt", "override_prompt"}]
+    forgotten: list[dict] = field(default_factory=list)
     method: str | None = None
     hyperparameters: dict = field(default_factory=dict)
     family: str = "diffusion"
+    conditioning: str = "class"  # class | prompt (text-to-image)
+    # prompt models: what requests build prompts from (forgetflow/diffusion/concepts.py):
+    # {"concepts": [...], "aliases": {concept: [...]}, "templates": [...], "paraphrases": [...], "styles": [...]}
+    vocabulary: dict = field(default_factory=dict)
 
     @property
     def forgotten_pairs(self) -> list[tuple[int, int]]:
-        return [(int(p["forget_class"]), int(p["override_class"])) for p in self.forgotten]
+        return [(int(p["forget_class"]), int(p["override_class"])) for p in self.forgotten if "forget_class" in p]
+
+    @property
+    def forgotten_prompt_pairs(self) -> list[tuple[str, str]]:
+        return [(p["forget_prompt"], p["override_prompt"]) for p in self.forgotten if "forget_prompt" in p]
+
+    @property
+    def score_dir(self) -> str:
+        return UNET_DIR if self.conditioning == "prompt" else SCORE_DIR
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,10 +96,32 @@ class ModelCard:
 
 @dataclass
 class DiffusionVersion:
-    score: UNet2DModel
-    generator: UNet2DModel | None
+    score: UNet2DModel | UNet2DConditionModel
+    generator: UNet2DModel | UNet2DConditionModel | None
     scheduler: DDPMScheduler
     card: ModelCard
+    text_encoder: torch.nn.Module | None = None  # prompt models: CLIPTextModel and its tokenizer
+    tokenizer: object | None = None
+    vae: torch.nn.Module | None = None  # latent models: AutoencoderKL
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of what the score net denoises (pixels, or the vae's latents)."""
+        config = self.score.config
+        return (config.in_channels, config.sample_size, config.sample_size)
+
+    def conditioning(self, prompts: list[str] | None = None) -> Conditioning:
+        """Class models: the null class. Prompt models: the table of `prompts` (ids 0..P-1, null P)."""
+        if self.card.conditioning != "prompt":
+            return ClassConditioning(self.card.null_class)
+        return encode_prompts(self.tokenizer, self.text_encoder, list(prompts or []))
+
+    @torch.inference_mode()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from what the score net denoises (the vae's decoder for latents)."""
+        if self.vae is None:
+            return x
+        return self.vae.decode(x.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float()
 
 
 def new_unet(model: DiffusionModelParams) -> UNet2DModel:
@@ -98,13 +149,34 @@ def new_scheduler(model: DiffusionModelParams) -> DDPMScheduler:
     )
 
 
+def _pipeline_index(version: DiffusionVersion) -> dict:
+    """model_index.json of a ddpm prompt version: StableDiffusionPipeline.from_pretrained loads it."""
+    import diffusers
+
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+             "unet": ["diffusers", type(version.score).__name__],
+             "text_encoder": ["transformers", type(version.text_encoder).__name__],
+             "tokenizer": ["transformers", type(version.tokenizer).__name__],
+             "scheduler": ["diffusers", "DDPMScheduler"],
+             "vae": ["diffusers", "AutoencoderKL"] if version.vae is not None else [None, None],
+             "safety_checker": [None, None], "feature_extractor": [None, None],
+             "requires_safety_checker": False}
+    return index
+
+
 def save_version(directory: Path, version: DiffusionVersion) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    version.score.save_pretrained(directory / SCORE_DIR, safe_serialization=True)
+    version.score.save_pretrained(directory / version.card.score_dir, safe_serialization=True)
     if version.generator is not None:
         version.generator.save_pretrained(directory / GENERATOR_DIR, safe_serialization=True)
     version.scheduler.save_pretrained(directory / SCHEDULER_DIR)
+    if version.card.conditioning == "prompt" and version.card.kind == "ddpm":  # one-step: in teacher/
+        version.text_encoder.save_pretrained(directory / TEXT_ENCODER_DIR, safe_serialization=True)
+        version.tokenizer.save_pretrained(directory / TOKENIZER_DIR)
+        if version.vae is not None:
+            version.vae.save_pretrained(directory / VAE_DIR, safe_serialization=True)
+        (directory / PIPELINE_INDEX).write_text(json.dumps(_pipeline_index(version), indent=2))
     (directory / CARD_FILE).write_text(json.dumps(version.card.to_dict(), indent=2))
     return directory
 
@@ -121,20 +193,46 @@ def teacher_dir(directory: Path) -> Path:
     return teacher
 
 
+def teacher_parts(card: ModelCard) -> list[str]:
+    """The folders of a DDPM version that its one-step versions carry in teacher/."""
+    if card.conditioning != "prompt":
+        return [SCORE_DIR, SCHEDULER_DIR]
+    return [UNET_DIR, SCHEDULER_DIR, TEXT_ENCODER_DIR, TOKENIZER_DIR, VAE_DIR]
+
+
 def copy_teacher(source_teacher: Path, out_dir: Path) -> Path:
-    """Copy a DDPM version's score/, scheduler/ and card into out_dir/teacher/."""
+    """Copy a DDPM version's networks, scheduler and card into out_dir/teacher/."""
     source_teacher, target = Path(source_teacher), Path(out_dir) / TEACHER_DIR
-    for name in (SCORE_DIR, SCHEDULER_DIR):
-        shutil.copytree(source_teacher / name, target / name, dirs_exist_ok=True)
-    shutil.copy2(source_teacher / CARD_FILE, target / CARD_FILE)
+    card = load_card(source_teacher)
+    for name in teacher_parts(card):
+        if (source_teacher / name).is_dir():
+            shutil.copytree(source_teacher / name, target / name, dirs_exist_ok=True)
+    (target / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2))  # a pipeline's card may be derived
     return target
 
 
+def card_of_pipeline(directory: Path) -> ModelCard:
+    """The card of a diffusers text-to-image pipeline directory that has none (a model a user
+    brings): a ddpm version with prompt conditioning, guidance 7.5 (Stable Diffusion's default),
+    no vocabulary (requests then list their prompts, or use the default templates)."""
+    unet = json.loads((Path(directory) / UNET_DIR / "config.json").read_text())
+    factor = 1
+    if (Path(directory) / VAE_DIR / "config.json").is_file():
+        vae = json.loads((Path(directory) / VAE_DIR / "config.json").read_text())
+        factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+    size = unet["sample_size"] if isinstance(unet["sample_size"], int) else unet["sample_size"][0]
+    return ModelCard(kind="ddpm", num_classes=0, null_class=-1, image_size=size * factor, guidance_scale=7.5,
+                     class_names=[], conditioning="prompt")
+
+
 def load_card(directory: Path) -> ModelCard:
-    path = Path(directory) / CARD_FILE
-    if not Path(directory).is_dir():
+    directory = Path(directory)
+    path = directory / CARD_FILE
+    if not directory.is_dir():
         raise ArtifactError(f"model version directory not found: {directory}")
     if not path.is_file():
+        if (directory / PIPELINE_INDEX).is_file() and (directory / UNET_DIR / "config.json").is_file():
+            return card_of_pipeline(directory)
         raise ArtifactError(f"missing {path}")
     try:
         return ModelCard.from_dict(json.loads(path.read_text()))
@@ -142,27 +240,48 @@ def load_card(directory: Path) -> ModelCard:
         raise ArtifactError(f"corrupt {path}: {exc}") from exc
 
 
-def _load_unet(path: Path, device: torch.device) -> UNet2DModel:
+def _load_unet(path: Path, device: torch.device, cls: type = UNet2DModel):
     weights = path / WEIGHTS_FILE
     for needed in (path / "config.json", weights):
         if not needed.is_file():
             raise ArtifactError(f"missing {needed}")
     try:
-        unet = UNet2DModel.from_pretrained(path)
+        unet = cls.from_pretrained(path)
     except Exception as exc:  # diffusers/safetensors raise many types for a bad file
         raise ArtifactError(f"unreadable weights {weights}: {exc}") from exc
     return unet.to(device).eval()
 
 
+def _load_text_parts(directory: Path, device: torch.device) -> tuple:
+    """(text_encoder, tokenizer, vae or None) of a prompt version, frozen."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    for needed in (directory / TEXT_ENCODER_DIR / "config.json", directory / TOKENIZER_DIR):
+        if not needed.exists():
+            raise ArtifactError(f"missing {needed}")
+    try:
+        text_encoder = CLIPTextModel.from_pretrained(directory / TEXT_ENCODER_DIR).to(device).eval()
+        tokenizer = CLIPTokenizer.from_pretrained(directory / TOKENIZER_DIR)
+        vae = None
+        if (directory / VAE_DIR / "config.json").is_file():
+            vae = AutoencoderKL.from_pretrained(directory / VAE_DIR).to(device).eval().requires_grad_(False)
+    except Exception as exc:
+        raise ArtifactError(f"unreadable text encoder, tokenizer or vae in {directory}: {exc}") from exc
+    return text_encoder.requires_grad_(False), tokenizer, vae
+
+
 def load_version(directory: Path, device: torch.device | str = "cpu") -> DiffusionVersion:
-    """Load a version directory onto `device`; ArtifactError names what is missing or corrupt."""
+    """Load a version directory onto `device`; ArtifactError names what is missing or corrupt.
+    A one-step prompt version reads its text encoder, tokenizer and vae from its teacher/."""
     directory = Path(directory)
     card = load_card(directory)
     device = torch.device(device)
-    score = _load_unet(directory / SCORE_DIR, device)
+    unet_class = UNet2DConditionModel if card.conditioning == "prompt" else UNet2DModel
+    score = _load_unet(directory / card.score_dir, device, unet_class)
     generator = None
     if card.kind == "one-step":
-        generator = _load_unet(directory / GENERATOR_DIR, device)
+        generator = _load_unet(directory / GENERATOR_DIR, device, unet_class)
     scheduler_config = directory / SCHEDULER_DIR / DDPMScheduler.config_name
     if not scheduler_config.is_file():
         raise ArtifactError(f"missing {scheduler_config}")
@@ -170,4 +289,8 @@ def load_version(directory: Path, device: torch.device | str = "cpu") -> Diffusi
         scheduler = DDPMScheduler.from_pretrained(directory / SCHEDULER_DIR)
     except Exception as exc:
         raise ArtifactError(f"corrupt {scheduler_config}: {exc}") from exc
-    return DiffusionVersion(score=score, generator=generator, scheduler=scheduler, card=card)
+    version = DiffusionVersion(score=score, generator=generator, scheduler=scheduler, card=card)
+    if card.conditioning == "prompt":
+        parts = teacher_dir(directory) if card.kind == "one-step" else directory
+        version.text_encoder, version.tokenizer, version.vae = _load_text_parts(parts, device)
+    return version

@@ -12,6 +12,14 @@ the classes that remain after every forgetting so far:
 (network evaluations per sample, not seconds: a wall-clock speed-up depends on the device. The
 tiny digits UNet samples 56x faster in one step than in 50 on this CPU but only 10x on an H200,
 where a kernel launch costs more than the network; seconds_per_1000_samples stays in the report.)
+Text-to-image versions (evaluate_prompts.py), on the retain and forget prompts:
+    forget_rate              = new.forget_rate                               <= max
+    paraphrase_forget_rate   = new.paraphrase_forget_rate                    <= max
+    override_fidelity        = new.override_fidelity (when the judge knows the override) >= min
+    remaining_accuracy_drop  = base.retain_accuracy - new.retain_accuracy    <= max
+    style_accuracy_drop      = base.style_accuracy - new.style_accuracy      <= max
+    remaining_fd_ratio       = new.retain_fd / base.retain_fd                <= max
+    nfe_reduction            as above
 Calibration: evaluate every scale of calibrate.guidance_scales on the calibration seed
 (samples_per_class per remaining class) and take the smallest scale whose gates all pass,
 else the scale with the largest worst-gate margin.
@@ -24,15 +32,32 @@ from pathlib import Path
 import torch
 
 from forgetflow.config import GateParams, Params
+from forgetflow.diffusion.artifact import load_card
 from forgetflow.diffusion.evaluate import evaluate_version
+from forgetflow.diffusion.evaluate_prompts import evaluate_prompt_version
 from forgetflow.gates import Gate, all_passed
 
-CURVE_METRICS = ("unlearning_accuracy", "override_fidelity", "remaining_class_accuracy", "remaining_fd")
+CURVE_METRICS = {"class": ("unlearning_accuracy", "override_fidelity", "remaining_class_accuracy", "remaining_fd"),
+                 "prompt": ("forget_rate", "paraphrase_forget_rate", "retain_accuracy", "retain_fd")}
+
+
+def measure_version(version_dir: Path, judge_dir: Path, forget: list[tuple[int, int]] | dict, params: Params, *,
+                    seed: int, guidance_scale: float | None = None, device: torch.device | None = None,
+                    samples_scale: float = 1.0, cache_dir: Path | None = None, progress: bool = False) -> dict:
+    """The metrics of a version: evaluate_version for a class model (forget = class pairs),
+    evaluate_prompt_version for a text-to-image one (forget = its prompt spec)."""
+    if load_card(version_dir).conditioning == "prompt":
+        return evaluate_prompt_version(version_dir, judge_dir, forget, params, seed=seed, guidance_scale=guidance_scale,
+                                       device=device, samples_scale=samples_scale, progress=progress)
+    return evaluate_version(version_dir, judge_dir, forget, params, seed=seed, guidance_scale=guidance_scale,
+                            device=device, samples_scale=samples_scale, cache_dir=cache_dir, progress=progress)
 
 
 def diffusion_gates(base_metrics: dict, new_metrics: dict, gate_params: GateParams) -> list[Gate]:
     """The gates above; the forgetting ones only where something is forgotten (a version
     distilled at registration forgets nothing and is gated on quality and NFE alone)."""
+    if "retain_accuracy" in new_metrics:
+        return prompt_gates(base_metrics, new_metrics, gate_params)
     forgetting = [
         Gate("unlearning_accuracy", new_metrics["unlearning_accuracy"], gate_params.unlearning_accuracy_min, "min"),
         Gate("override_fidelity", new_metrics["override_fidelity"], gate_params.override_fidelity_min, "min"),
@@ -58,10 +83,33 @@ def realism_gates(base_metrics: dict, new_metrics: dict, gate_params: GateParams
     ]
 
 
+def prompt_gates(base_metrics: dict, new_metrics: dict, gate_params: GateParams) -> list[Gate]:
+    """A text-to-image version's gates (module docstring)."""
+    g, forgetting = gate_params, []
+    if new_metrics["forget_rate"] is not None:
+        forgetting.append(Gate("forget_rate", new_metrics["forget_rate"], g.forget_rate_max, "max"))
+    if new_metrics.get("paraphrase_forget_rate") is not None:
+        forgetting.append(Gate("paraphrase_forget_rate", new_metrics["paraphrase_forget_rate"],
+                               g.paraphrase_forget_rate_max, "max"))
+    if new_metrics.get("override_fidelity") is not None:
+        forgetting.append(Gate("override_fidelity", new_metrics["override_fidelity"], g.override_fidelity_min, "min"))
+    style = []
+    if new_metrics.get("style_accuracy") is not None and base_metrics.get("style_accuracy") is not None:
+        style = [Gate("style_accuracy_drop", base_metrics["style_accuracy"] - new_metrics["style_accuracy"],
+                      g.style_accuracy_drop_max, "max")]
+    return forgetting + [
+        Gate("remaining_accuracy_drop", base_metrics["retain_accuracy"] - new_metrics["retain_accuracy"],
+             g.remaining_accuracy_drop_max, "max"),
+        *style,
+        Gate("remaining_fd_ratio", new_metrics["retain_fd"] / base_metrics["retain_fd"], g.remaining_fd_ratio_max, "max"),
+        Gate("nfe_reduction", base_metrics["nfe"] / new_metrics["nfe"], g.nfe_reduction_min, "min"),
+    ]
+
+
 def calibrate_guidance(
     version_dir: Path,
     judge_dir: Path,
-    forget_pairs: list[tuple[int, int]],
+    forget_pairs: list[tuple[int, int]] | dict,
     params: Params,
     base_metrics: dict,
     *,
@@ -70,14 +118,15 @@ def calibrate_guidance(
     """(chosen guidance scale, one curve row per scale)."""
     cal = params.diffusion.calibrate
     scale = cal.samples_per_class / params.diffusion.evaluate.samples_per_remaining_class
+    curve_metrics = CURVE_METRICS[load_card(version_dir).conditioning]
     rows, margins = [], []
     for w in sorted(cal.guidance_scales):
-        metrics = evaluate_version(version_dir, judge_dir, forget_pairs, params, seed=cal.seed,
-                                   guidance_scale=w, device=device, samples_scale=scale)
+        metrics = measure_version(version_dir, judge_dir, forget_pairs, params, seed=cal.seed,
+                                  guidance_scale=w, device=device, samples_scale=scale)
         gates = diffusion_gates(base_metrics, metrics, params.diffusion.gates)
         rows.append({
             "guidance_scale": w,
-            **{k: metrics[k] for k in CURVE_METRICS},
+            **{k: metrics[k] for k in curve_metrics},
             "passed": all_passed(gates),
             "gates": [g.to_dict() for g in gates],
         })
@@ -88,15 +137,16 @@ def calibrate_guidance(
     return rows[max(range(len(rows)), key=margins.__getitem__)]["guidance_scale"], rows
 
 
-def calibrate_version(version_dir: Path, reference_dir: Path, judge_dir: Path, forget_pairs: list[tuple[int, int]],
-                      params: Params, *, device: torch.device | None = None,
+def calibrate_version(version_dir: Path, reference_dir: Path, judge_dir: Path,
+                      forget_pairs: list[tuple[int, int]] | dict, params: Params, *, device: torch.device | None = None,
                       cache_dir: Path | None = None) -> tuple[float, list[dict]]:
     """Calibrate `version_dir` against `reference_dir` (the lineage's DDPM teacher, measured on
-    the calibration seed) and write the chosen scale into its model card; (scale, curve)."""
+    the calibration seed) and write the chosen scale into its model card; (scale, curve).
+    forget_pairs: class pairs, or a text-to-image model's prompt spec."""
     cal = params.diffusion.calibrate
-    reference = evaluate_version(reference_dir, judge_dir, forget_pairs, params, seed=cal.seed, device=device,
-                                 samples_scale=cal.samples_per_class / params.diffusion.evaluate.samples_per_remaining_class,
-                                 cache_dir=cache_dir)
+    reference = measure_version(reference_dir, judge_dir, forget_pairs, params, seed=cal.seed, device=device,
+                                samples_scale=cal.samples_per_class / params.diffusion.evaluate.samples_per_remaining_class,
+                                cache_dir=cache_dir)
     scale, curve = calibrate_guidance(version_dir, judge_dir, forget_pairs, params, reference, device=device)
     card_path = Path(version_dir) / "model_card.json"
     card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "guidance_scale": scale}, indent=2))

@@ -137,13 +137,17 @@ def _to_uint8(images: Tensor) -> np.ndarray:
 
 
 def sample_grid(version_dir: Path, params: Params, *, seed: int, per_class: int = 8,
-                guidance_scale: float | None = None, device: torch.device | None = None) -> Image.Image:
-    """A greyscale grid: row c holds `per_class` samples conditioned on class c."""
+                guidance_scale: float | None = None, device: torch.device | None = None,
+                prompts: list[str] | None = None) -> Image.Image:
+    """A greyscale grid: row c holds `per_class` samples conditioned on class c (a prompt
+    model: on prompts[c])."""
     device = device or resolve_device(params.compute)
     version = load_version(version_dir, device)
-    k, size = version.card.num_classes, version.card.image_size
+    conditioning = version.conditioning(prompts) if prompts is not None else None
+    k, size = (len(prompts) if prompts is not None else version.card.num_classes), version.card.image_size
     labels = torch.arange(k).repeat_interleave(per_class)
-    pixels = _to_uint8(sample(version, labels, seed=seed, guidance_scale=guidance_scale, params=params, device=device))
+    pixels = _to_uint8(sample(version, labels, seed=seed, guidance_scale=guidance_scale, conditioning=conditioning,
+                              params=params, device=device))
     grid = np.zeros((k * (size + 1) + 1, per_class * (size + 1) + 1), dtype=np.uint8)
     for i, image in enumerate(pixels):
         row, col = divmod(i, per_class)
@@ -153,20 +157,24 @@ def sample_grid(version_dir: Path, params: Params, *, seed: int, per_class: int 
 
 def _describe(version_dir: Path) -> str:
     card = load_card(version_dir)
-    forgotten = ", ".join(f"{f}->{'random' if o == RANDOM_OVERRIDE else o}" for f, o in card.forgotten_pairs) or "nothing"
+    forgotten = ", ".join(f"{f}->{'random' if o == RANDOM_OVERRIDE else o}" for f, o in card.forgotten_pairs)
+    concepts = {(r["concept"], r["override"]) for r in card.forgotten if "concept" in r}
+    forgotten = forgotten or ", ".join(f"{c}->{o}" for c, o in sorted(concepts)) or "nothing"
     return f"{card.kind} ({card.method or 'base'}), w={card.guidance_scale:g}, forgot {forgotten}"
 
 
-def save_comparison_grid(base_dir: Path, new_dir: Path, out_png: Path, params: Params, seed: int) -> Path:
-    """One PNG: base version's grid beside the new version's (rows = classes)."""
+def save_comparison_grid(base_dir: Path, new_dir: Path, out_png: Path, params: Params, seed: int,
+                         prompts: list[str] | None = None) -> Path:
+    """One PNG: base version's grid beside the new version's (rows = classes, or `prompts`)."""
+    rows = prompts if prompts is not None else [str(c) for c in range(params.diffusion.model.num_classes)]
     fig = Figure(figsize=(8, 5.5), dpi=150)
     for ax, directory, title in zip(fig.subplots(1, 2), (base_dir, new_dir), ("before", "after")):
-        grid = sample_grid(directory, params, seed=seed)
+        grid = sample_grid(directory, params, seed=seed, prompts=prompts)
         ax.imshow(np.asarray(grid), cmap="gray", interpolation="nearest")
         ax.set_title(f"{title}: {_describe(directory)}", fontsize=7)
-        cell = grid.height / params.diffusion.model.num_classes
-        ax.set_yticks([cell * (c + 0.5) for c in range(params.diffusion.model.num_classes)])
-        ax.set_yticklabels([str(c) for c in range(params.diffusion.model.num_classes)])
+        cell = grid.height / len(rows)
+        ax.set_yticks([cell * (c + 0.5) for c in range(len(rows))])
+        ax.set_yticklabels(rows, fontsize=5 if prompts is not None else None)
         ax.set_xticks([])
     fig.tight_layout()
     out_png = Path(out_png)

@@ -18,6 +18,7 @@ from tqdm.auto import trange
 
 from forgetflow.compute import autocast, resolve_device
 from forgetflow.config import Params
+from forgetflow.diffusion import captions
 from forgetflow.diffusion.artifact import ArtifactError
 from forgetflow.diffusion.data import load_digits_split
 
@@ -75,13 +76,23 @@ def accuracy(judge: Judge, images: Tensor, labels: Tensor) -> float:
     return (judge.predict_proba(images).argmax(dim=1) == labels.cpu()).float().mean().item()
 
 
-def train_judge(params: Params, out_dir: Path, *, device: torch.device | None = None, progress: bool = True) -> Path:
-    """Train on the train split only; write weights and judge_card.json (with test_accuracy)."""
+def _split(split: str, image_size: int, captioned: bool) -> tuple[Tensor, Tensor]:
+    if not captioned:
+        return load_digits_split(split, image_size)
+    images, labels, _ = captions.load_captioned_split(split, image_size)
+    return images, labels
+
+
+def train_judge(params: Params, out_dir: Path, *, device: torch.device | None = None, progress: bool = True,
+                captioned: bool = False) -> Path:
+    """Train on the train split only; write weights and judge_card.json (with test_accuracy).
+    captioned: on both stroke styles of the captioned digits, with the digit words as class
+    names (the text-to-image model's concepts)."""
     cfg, base = params.diffusion, params.diffusion.base
     device = device or resolve_device(params.compute)
     torch.manual_seed(base.seed)
     rng = torch.Generator(device).manual_seed(base.seed)
-    images, labels = load_digits_split("train", cfg.model.image_size)
+    images, labels = _split("train", cfg.model.image_size, captioned)
     images, labels = images.to(device), labels.to(device)
 
     judge = Judge(cfg.model.image_size, cfg.model.num_classes, tuple(base.judge_channels)).to(device)
@@ -98,13 +109,14 @@ def train_judge(params: Params, out_dir: Path, *, device: torch.device | None = 
             optimizer.step()
     judge.eval()
 
-    test_images, test_labels = load_digits_split("test", cfg.model.image_size)
+    test_images, test_labels = _split("test", cfg.model.image_size, captioned)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in judge.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
     card = {
         "image_size": cfg.model.image_size,
         "num_classes": cfg.model.num_classes,
+        "class_names": captions.DIGIT_WORDS if captioned else [str(c) for c in range(cfg.model.num_classes)],
         "channels": list(base.judge_channels),
         "feature_dim": base.judge_channels[-1],
         "test_accuracy": accuracy(judge, test_images, test_labels),
@@ -114,6 +126,13 @@ def train_judge(params: Params, out_dir: Path, *, device: torch.device | None = 
     }
     (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2))
     return out_dir
+
+
+def load_judge_card(directory: Path) -> dict:
+    path = Path(directory) / CARD_FILE
+    if not path.is_file():
+        raise ArtifactError(f"missing {path}")
+    return json.loads(path.read_text())
 
 
 def load_judge(directory: Path, device: torch.device | str = "cpu") -> Judge:

@@ -97,7 +97,7 @@ def sample_classes(
         if hit is not None:
             images[c], seconds[c] = hit
     if missing := [c for c in counts if c not in images]:
-        z = torch.cat([draw_noise(counts[c], version.card.image_size, class_seed(seed, c, k)) for c in missing])
+        z = torch.cat([draw_noise(counts[c], version.sample_shape, class_seed(seed, c, k)) for c in missing])
         labels = torch.cat([torch.full((counts[c],), c, dtype=torch.long) for c in missing])
         start = time.perf_counter()
         drawn = sample_from_noise(version, z, labels, guidance_scale=guidance_scale, params=params, device=device,

@@ -5,10 +5,12 @@ teacher score f_phi (frozen), fake score f_psi (tracks the generator's distribut
 one-step generator G_theta(z; c) = D_G(b_{t_init} z; c, t_init) (+ EMA). No real image is used.
 
 One iteration = fake-score step, then generator step; t ~ U{t(sigma_min), ..., t(sigma_max) - 1},
-x_t = a_t x_g + b_t eps. Keep rows have labels c of the remaining classes; forget rows have a
-forget class c_f and its override c_o.
+x_t = a_t x_g + b_t eps. Keep rows have conditions c of the remaining classes (or retain
+prompts); forget rows have a forget condition c_f (class, or prompt naming the concept) and its
+override c_o (class, or the same prompt with the concept replaced). Conditions are ids that
+a Conditioning turns into the networks' inputs (conditioning.py): the method is written once.
 
-Fake-score step (x_g detached; labels dropped to the null class with probability
+Fake-score step (x_g detached; conditions dropped to the null input with probability
 fake_class_dropout, as in the paper's text-to-image setting, so that f_psi keeps an
 unconditional score):
     L_psi = E ||eps_psi(x_t; c, t) - eps||^2 + lambda_f E ||eps_psi(x_t^f; c_f, t) - eps||^2
@@ -17,6 +19,8 @@ Generator step (f_phi, f_psi frozen; gradients flow through their inputs):
     omega = sg(mean_pixels |y_r - x_g|) clamped >= omega_min
     L_theta = E_c l_SiD(f_phi(x_t; c), f_psi(x_t; c), G(z; c))
             + lambda_f E l_SiD(f_phi(x_t; c_o), f_psi(x_t; c_f), G(z; c_f))
+f_phi is evaluated with guidance teacher_guidance_scale and f_psi with fake_guidance_scale
+(the text-to-image setting guides both; the class setting guides only the teacher).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Union
 
 import torch
 from diffusers import DDPMScheduler
@@ -40,6 +44,8 @@ from forgetflow.compute import autocast, checkpointed, grad_scaler, resolve_devi
 from forgetflow.config import Params, SFDParams
 from forgetflow.diffusion.artifact import (DiffusionVersion, ModelCard, copy_teacher, load_version, save_version,
                                           teacher_dir)
+from forgetflow.diffusion.concepts import PromptForget, merge_prompt_records
+from forgetflow.diffusion.conditioning import ClassConditioning, Conditioning
 from forgetflow.diffusion.sampling import denoise, generate_one_step, t_for_sigma, vp_coefficients
 from forgetflow.diffusion.train_base import TRAINING_LOG, optimizer_step
 
@@ -96,7 +102,7 @@ class SFD:
         return self._keep_plus_forget(self.sid_loss(y_real, y_fake, x_g), forget_mask)
 
     @classmethod
-    def unlearn(cls, base_dir: Path, out_dir: Path, forget_pairs: list[tuple[int, int]], params: Params,
+    def unlearn(cls, base_dir: Path, out_dir: Path, forget_pairs: "Forget", params: Params,
                 *, device: torch.device | None = None, checkpoints: CheckpointSink | None = None,
                 progress: bool = True) -> Path:
         """The method-registry entry point (see methods.py)."""
@@ -145,20 +151,62 @@ def merge_forget_pairs(previous: list[tuple[int, int]], new: list[tuple[int, int
     return pairs
 
 
-class _Batcher:
-    """Draws the labels, noise and timesteps of one iteration from one torch.Generator."""
+Forget = Union[list[tuple[int, int]], PromptForget]  # class pairs (c_f, c_o), or a prompt model's records
 
-    def __init__(self, pairs: dict[int, int], num_classes: int, sfd: SFDParams, t_range: tuple[int, int],
-                 image_size: int, rng: torch.Generator, device: torch.device, rank: int = 0, ranks: int = 1):
+
+@dataclass(frozen=True)
+class ConditionPlan:
+    """The condition ids one run draws: `keep` rows, forget ids -> override ids (`pairs`),
+    `everything` for a plain-SiD stage; `forgotten` is the new card's record and `identity`
+    what a checkpoint must match to be resumed."""
+
+    conditioning: Conditioning
+    keep: list[int]
+    pairs: dict[int, int]
+    everything: list[int]
+    forgotten: list[dict]
+    identity: dict
+
+
+def plan_conditions(base: DiffusionVersion, forget: Forget, method: str) -> ConditionPlan:
+    """Class model: the classes, minus the lineage's and the request's forget classes as keep
+    rows. Prompt model: one prompt table of the retain, forget and override prompts (the
+    lineage's forget records included), encoded once by the frozen text encoder."""
+    card = base.card
+    if card.conditioning != "prompt":
+        pairs = merge_forget_pairs(card.forgotten_pairs, list(forget), card.num_classes)
+        return ConditionPlan(ClassConditioning(card.null_class), [c for c in range(card.num_classes) if c not in pairs],
+                             pairs, list(range(card.num_classes)),
+                             [{"forget_class": f, "override_class": o} for f, o in pairs.items()],
+                             {"method": method, "forget_pairs": sorted(pairs.items())})
+    if not isinstance(forget, PromptForget):
+        raise ValueError("a text-to-image model forgets prompts: give a PromptForget, not class pairs")
+    records = merge_prompt_records([r for r in card.forgotten if "forget_prompt" in r], forget.forget)
+    forget_prompts = [r["forget_prompt"] for r in records]
+    retain = [p for p in forget.retain if p not in forget_prompts]
+    prompts = list(dict.fromkeys(retain + forget_prompts + [r["override_prompt"] for r in records]))
+    cond = base.conditioning(prompts)
+    index = {p: i for i, p in enumerate(prompts)}
+    pairs = {index[r["forget_prompt"]]: index[r["override_prompt"]] for r in records}
+    return ConditionPlan(cond, [index[p] for p in retain], pairs, list(range(len(prompts))), records,
+                         {"method": method, "forget": records, "retain": retain})
+
+
+class _Batcher:
+    """Draws the conditions, noise and timesteps of one iteration from one torch.Generator."""
+
+    def __init__(self, plan: ConditionPlan, sfd: SFDParams, t_range: tuple[int, int],
+                 shape: tuple[int, int, int], rng: torch.Generator, device: torch.device, rank: int = 0, ranks: int = 1):
         """Rank `rank` of `ranks` data-parallel processes draws its share of the recipe's batch
         (shares differ by one row at most when the batch does not divide evenly)."""
         self.n_keep, self.n_forget = (n // ranks + (rank < n % ranks) for n in (sfd.batch_remaining, sfd.batch_forget))
         self.rng, self.device, self.sfd, self.t_range = rng, device, sfd, t_range
-        self.shape = (1, image_size, image_size)
-        self.all = torch.arange(num_classes, device=device)
-        self.keep = torch.tensor([c for c in range(num_classes) if c not in pairs], device=device)
-        self.forget = torch.tensor(list(pairs), device=device)
-        self.override = torch.tensor(list(pairs.values()), device=device)
+        self.shape = shape
+        self.null = plan.conditioning.null
+        self.all = torch.tensor(plan.everything, device=device)
+        self.keep = torch.tensor(plan.keep, device=device)
+        self.forget = torch.tensor(list(plan.pairs), device=device)
+        self.override = torch.tensor(list(plan.pairs.values()), device=device)
 
     def _pick(self, pool: Tensor, n: int) -> Tensor:
         return pool[torch.randint(len(pool), (n,), generator=self.rng, device=self.device)]
@@ -179,10 +227,10 @@ class _Batcher:
         mask = torch.cat([torch.zeros_like(c, dtype=torch.bool), torch.ones_like(c_f, dtype=torch.bool)])
         return torch.cat([c, c_f]), torch.cat([c, c_o]), mask
 
-    def drop_labels(self, c: Tensor, null_class: int) -> Tensor:
-        """Replace labels by the null class with probability fake_class_dropout."""
+    def drop_labels(self, c: Tensor) -> Tensor:
+        """Replace conditions by the null input with probability fake_class_dropout."""
         dropped = torch.rand(len(c), generator=self.rng, device=self.device) < self.sfd.fake_class_dropout
-        return torch.where(dropped, torch.full_like(c, null_class), c)
+        return torch.where(dropped, torch.full_like(c, self.null), c)
 
     def noise(self, n: int) -> Tensor:
         return torch.randn((n, *self.shape), generator=self.rng, device=self.device)
@@ -206,7 +254,7 @@ def _save_state(sink: CheckpointSink, step: int, state: dict) -> None:
 def train_sfd(
     base_dir: Path,
     out_dir: Path,
-    forget_pairs: list[tuple[int, int]],
+    forget_pairs: Forget,
     params: Params,
     *,
     device: torch.device | None = None,
@@ -214,7 +262,8 @@ def train_sfd(
     progress: bool = True,
     method: str = "sfd",
 ) -> Path:
-    """Unlearn `forget_pairs` [(c_f, c_o)] from the version at base_dir; write a one-step version.
+    """Unlearn `forget_pairs` from the version at base_dir (class pairs [(c_f, c_o)], or a
+    prompt model's PromptForget); write a one-step version.
 
     A one-step base (the version distilled at registration, or a chained request's) keeps
     the lineage's pretrained teacher (its `teacher/`) as f_phi and initialises G_theta from its
@@ -227,25 +276,26 @@ def train_sfd(
         raise ValueError(f"unknown SFD variant {method!r}; known: {sorted(SFD_VARIANTS)}")
     device = device or resolve_device(params.compute)
     base = load_version(base_dir, device)
-    sfd = params.diffusion.sfd.for_base(base.card.kind)
+    sfd = params.diffusion.sfd.for_base(base.card.kind, base.card.conditioning)
     root = teacher_dir(base_dir)
     teacher = base if root == Path(base_dir) else load_version(root, device)
     card, scheduler = base.card, base.scheduler
-    pairs = merge_forget_pairs(card.forgotten_pairs, forget_pairs, card.num_classes)
+    plan = plan_conditions(base, forget_pairs, method)
+    cond = plan.conditioning
     t_init = t_for_sigma(scheduler, sfd.sigma_init)
     if card.kind == "one-step" and card.t_init != t_init:
         raise ValueError(f"base generator runs at t_init {card.t_init}, "
                          f"params give {t_init} (sigma_init {sfd.sigma_init})")
     t_range = (t_for_sigma(scheduler, sfd.sigma_min), t_for_sigma(scheduler, sfd.sigma_max))
     stages = SFD_VARIANTS[method].stages(sfd)
-    if not pairs and any(s.forget for s in stages):
+    if not plan.pairs and any(s.forget for s in stages):
         raise ValueError("no forget pairs given")
     total = sum(s.iterations for s in stages)
-    run_id = {"method": method, "forget_pairs": sorted(pairs.items())}
+    run_id = plan.identity
 
     rng = torch.Generator(device).manual_seed(sfd.seed + distributed.rank())  # each rank its own share
-    batcher = _Batcher(pairs, card.num_classes, sfd, t_range, card.image_size, rng, device,
-                       distributed.rank(), distributed.world_size())
+    batcher = _Batcher(plan, sfd, t_range, base.sample_shape, rng, device, distributed.rank(),
+                       distributed.world_size())
     f_phi = teacher.score.requires_grad_(False).eval()
     f_psi = checkpointed(copy.deepcopy(base.score), params.compute).train()
     G_theta = checkpointed(copy.deepcopy(base.generator if base.generator is not None else base.score),
@@ -255,7 +305,6 @@ def train_sfd(
     opt_theta = torch.optim.Adam(G_theta.parameters(), lr=sfd.lr_generator, **adam)
     opt_psi = torch.optim.Adam(f_psi.parameters(), lr=sfd.lr_fake, **adam)
     scaler_theta, scaler_psi = grad_scaler(device, params.compute), grad_scaler(device, params.compute)
-    null = card.null_class
 
     start, history = 0, []
     window = {"loss_fake": 0.0, "loss_generator": 0.0, "n": 0}
@@ -282,7 +331,7 @@ def train_sfd(
 
     def generate(labels: Tensor) -> Tensor:
         z = batcher.noise(len(labels))
-        return generate_one_step(G_theta, scheduler, z, labels, t_init, 1.0, null, params.compute)
+        return generate_one_step(G_theta, scheduler, z, labels, t_init, 1.0, cond, params.compute)
 
     began = time.perf_counter()
     stage_ends = torch.tensor([s.iterations for s in stages]).cumsum(0).tolist()
@@ -298,7 +347,7 @@ def train_sfd(
         t, eps = batcher.timesteps(len(c)), batcher.noise(len(c))
         f_psi.requires_grad_(True)
         with autocast(device, params.compute):
-            eps_psi = f_psi(_noised(scheduler, x_g, t, eps), t, class_labels=batcher.drop_labels(c, null)).sample
+            eps_psi = f_psi(_noised(scheduler, x_g, t, eps), t, **cond.unet_inputs(batcher.drop_labels(c))).sample
         loss_psi = stage.objective.fake_score_loss(eps_psi, eps, forget_mask)
         optimizer_step(loss_psi, opt_psi, scaler_psi, f_psi.parameters(), sfd.grad_clip)
 
@@ -307,8 +356,8 @@ def train_sfd(
         x_g = generate(c)
         t, eps = batcher.timesteps(len(c)), batcher.noise(len(c))
         x_t = _noised(scheduler, x_g, t, eps)
-        y_real = denoise(f_phi, scheduler, x_t, t, c_teacher, sfd.teacher_guidance_scale, null, params.compute)
-        y_fake = denoise(f_psi, scheduler, x_t, t, c, 1.0, null, params.compute)
+        y_real = denoise(f_phi, scheduler, x_t, t, c_teacher, sfd.teacher_guidance_scale, cond, params.compute)
+        y_fake = denoise(f_psi, scheduler, x_t, t, c, sfd.fake_guidance_scale, cond, params.compute)
         loss_theta = stage.objective.generator_loss(y_real, y_fake, x_g, forget_mask)
         optimizer_step(loss_theta, opt_theta, scaler_theta, G_theta.parameters(), sfd.grad_clip)
         ema.step(G_theta.parameters())
@@ -333,27 +382,17 @@ def train_sfd(
     seconds = time.perf_counter() - began
 
     ema.copy_to(G_theta.parameters())
-    new_card = ModelCard(
-        kind="one-step",
-        num_classes=card.num_classes,
-        null_class=null,
-        image_size=card.image_size,
-        guidance_scale=1.0,
-        class_names=card.class_names,
-        t_init=t_init,
-        sigma_init=sfd.sigma_init,
-        # plain SiD (no forget stage) distils and forgets nothing new: it keeps the base's record
-        forgotten=[{"forget_class": f, "override_class": o}
-                   for f, o in (pairs if any(s.forget for s in stages) else dict(card.forgotten_pairs)).items()],
-        method=method,
-        hyperparameters=sfd.model_dump(mode="json"),
-    )
+    # plain SiD (no forget stage) distils and forgets nothing new: it keeps the base's record
+    forgotten = plan.forgotten if any(s.forget for s in stages) else card.forgotten
+    new_card = ModelCard(**{**card.to_dict(), "kind": "one-step", "guidance_scale": 1.0, "t_init": t_init,
+                            "sigma_init": sfd.sigma_init, "forgotten": forgotten, "method": method,
+                            "hyperparameters": sfd.model_dump(mode="json")})
     done_here = total - start
     training_log = {
         "method": method, "iterations": total, "resumed_from": start if latest is not None else None,
         "seconds": seconds, "iterations_per_second": done_here / seconds if done_here else None,
-        "t_init": t_init, "t_range": list(t_range), "forget_pairs": sorted(pairs.items()),
-        "keep_classes": batcher.keep.tolist(), "device": str(device), "processes": distributed.world_size(),
+        "t_init": t_init, "t_range": list(t_range), "forget_pairs": sorted(plan.pairs.items()),
+        "keep": plan.keep, "device": str(device), "processes": distributed.world_size(),
         "history": history,  # rank 0's losses
     }
 

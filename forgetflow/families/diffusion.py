@@ -1,9 +1,10 @@
-"""The diffusion family: class-conditional diffusion models, forgotten with SFD.
+"""The diffusion family: class-conditional and text-to-image diffusion models, forgotten with SFD.
 
-Data-free: the only "forget data" is the mapping forget class -> override class and the
-seeds; every image any loss sees is drawn from the generator (forgetflow/diffusion/sfd.py).
-The evaluation kit of a diffusion model is its judge (a digit classifier trained on the
-train split only), versioned beside the model.
+Data-free: the only "forget data" is the mapping forget class -> override class (or forget
+prompt -> override prompt, for a concept of a text-to-image model) and the seeds; every image
+any loss sees is drawn from the generator (forgetflow/diffusion/sfd.py). The evaluation kit of
+a diffusion model is its judge (a digit classifier trained on the train split only),
+versioned beside the model.
 """
 from __future__ import annotations
 
@@ -57,9 +58,25 @@ def resolve_overrides(classes: list[int], override: dict[int, int], card: dict, 
     return pairs
 
 
-def _all_pairs(synth_dir: Path) -> list[tuple[int, int]]:
+def _all_pairs(synth_dir: Path) -> list[tuple[int, int]] | dict:
+    """What the evaluation measures: every class pair of the lineage, or a text-to-image
+    model's prompt spec {forget: every record of the lineage, retain, paraphrases}."""
     spec = json.loads((Path(synth_dir) / SPEC_FILE).read_text())
+    if spec.get("conditioning") == "prompt":
+        from forgetflow.diffusion.concepts import merge_prompt_records
+
+        return {"forget": merge_prompt_records(spec["lineage_records"], spec["prompt_forget"]["forget"]),
+                "retain": spec["prompt_forget"]["retain"], "paraphrases": spec["paraphrases"]}
     return [tuple(p) for p in spec["lineage_pairs"] + spec["forget_pairs"]]
+
+
+def _registration_prompts(card: dict) -> dict:
+    """A prompt model's spec at registration: nothing forgotten, every template prompt retained."""
+    from forgetflow.diffusion.concepts import template_prompts
+
+    vocab = card.get("vocabulary", {})
+    return {"forget": [], "retain": [p for c in vocab.get("concepts", []) for p in template_prompts(vocab, c)],
+            "paraphrases": {}}
 
 
 class DiffusionFamily:
@@ -85,6 +102,15 @@ class DiffusionFamily:
 
     def check_target(self, request: DeletionRequest, model_dir: Path, params: Params) -> None:
         card = _card(model_dir)
+        prompt_model = card.get("conditioning") == "prompt"
+        if (request.target.kind == "diffusion-concept") != prompt_model:
+            raise TargetError(f"model {request.model} is {'text-to-image' if prompt_model else 'class-conditional'}: "
+                              f"it takes {'diffusion-concept' if prompt_model else 'diffusion-class'} requests")
+        method = request.method or self.default_method
+        if method not in self.methods():
+            raise TargetError(f"unknown method {method!r} for the diffusion family; known: {self.methods()}")
+        if prompt_model:
+            return _check_concept(request, card, method)
         k = card["num_classes"]
         known = f"classes 0-{k - 1}"
         forgotten = {p["forget_class"] for p in card.get("forgotten", [])}
@@ -99,13 +125,12 @@ class DiffusionFamily:
                 raise TargetError(f"override class {o} (for class {c}) is not in model {request.model} ({known})")
             if o in forgotten:
                 raise TargetError(f"override class {o} (for class {c}) was itself forgotten earlier")
-        method = request.method or self.default_method
-        if method not in self.methods():
-            raise TargetError(f"unknown method {method!r} for the diffusion family; known: {self.methods()}")
 
     def synthesize(self, request: DeletionRequest, model_dir: Path, eval_kit: Path, out_dir: Path,
                    params: Params) -> dict:
         card = _card(model_dir)
+        if card.get("conditioning") == "prompt":
+            return _synthesize_concept(request, card, out_dir, params)
         rule = request.target.override_rule or params.diffusion.sfd.override_rule
         pairs = resolve_overrides(request.target.classes, request.target.override, card, rule)
         lineage = [(p["forget_class"], p["override_class"]) for p in card.get("forgotten", [])]
@@ -131,29 +156,41 @@ class DiffusionFamily:
         seeds (quality and NFE; there is nothing forgotten to gate). None for a one-step model
         or with distill.on_register off. Requests from it run SFD's short forgetting stage
         (sfd.from_one_step) instead of the whole distillation."""
-        from forgetflow.diffusion.calibrate import calibrate_version, diffusion_gates
-        from forgetflow.diffusion.evaluate import evaluate_version
+        from forgetflow.diffusion.calibrate import calibrate_version, diffusion_gates, measure_version
         from forgetflow.diffusion.sfd import SiD
 
-        distill = params.diffusion.distill
-        if _card(model_dir)["kind"] != "ddpm" or not distill.on_register:
+        from forgetflow.diffusion.concepts import PromptForget
+
+        distill, card = params.diffusion.distill, _card(model_dir)
+        if card["kind"] != "ddpm" or not distill.on_register:
             return None
+        nothing: list | dict = []
+        if card.get("conditioning") == "prompt":
+            if not card.get("vocabulary", {}).get("templates"):
+                return None  # no prompts to distil on: the model serves as it is
+            nothing = _registration_prompts(card)
         sid = params.model_copy(update={"diffusion": params.diffusion.model_copy(update={
             "sfd": params.diffusion.sfd.model_copy(update={"iterations": distill.iterations})})})
-        SiD.unlearn(model_dir, out_dir, [], sid, progress=progress)
-        calibrate_version(out_dir, model_dir, eval_kit, [], params, cache_dir=cache_dir)
+        forget = PromptForget([], nothing["retain"]) if nothing else []
+        SiD.unlearn(model_dir, out_dir, forget, sid, progress=progress)
+        calibrate_version(out_dir, model_dir, eval_kit, nothing, params, cache_dir=cache_dir)
         ev = params.diffusion.evaluate
-        base = evaluate_version(model_dir, eval_kit, [], params, seed=ev.seed, cache_dir=cache_dir, progress=progress)
-        new = evaluate_version(out_dir, eval_kit, [], params, seed=ev.seed, progress=progress)
+        base = measure_version(model_dir, eval_kit, nothing, params, seed=ev.seed, cache_dir=cache_dir, progress=progress)
+        new = measure_version(out_dir, eval_kit, nothing, params, seed=ev.seed, progress=progress)
         return Path(out_dir), diffusion_gates(base, new, params.diffusion.gates)
 
     def unlearn(self, model_dir: Path, synth_dir: Path, out_dir: Path, params: Params, *,
                 method: str, base_version: str, checkpoints: CheckpointSink | None, progress: bool) -> Path:
         from forgetflow.diffusion.methods import get_method
 
+        from forgetflow.diffusion.concepts import PromptForget
+
         spec = json.loads((Path(synth_dir) / SPEC_FILE).read_text())
-        pairs = [tuple(p) for p in spec["forget_pairs"]]
-        return get_method(method).unlearn(model_dir, out_dir, pairs, params, checkpoints=checkpoints, progress=progress)
+        if spec.get("conditioning") == "prompt":
+            forget = PromptForget.from_dict(spec["prompt_forget"])
+        else:
+            forget = [tuple(p) for p in spec["forget_pairs"]]
+        return get_method(method).unlearn(model_dir, out_dir, forget, params, checkpoints=checkpoints, progress=progress)
 
     def calibrate(self, base_dir: Path, new_dir: Path, synth_dir: Path, eval_kit: Path,
                   params: Params, out_dir: Path, *, cache_dir: Path | None = None) -> tuple[float, list[dict]]:
@@ -166,35 +203,95 @@ class DiffusionFamily:
     def evaluate(self, base_dir: Path, new_dir: Path, synth_dir: Path, eval_kit: Path,
                  params: Params, out_dir: Path, *, cache_dir: Path | None = None) -> dict:
         from forgetflow.diffusion.artifact import teacher_dir
-        from forgetflow.diffusion.evaluate import evaluate_version, save_comparison_grid
+        from forgetflow.diffusion.calibrate import measure_version
+        from forgetflow.diffusion.evaluate import save_comparison_grid
 
-        pairs = _all_pairs(synth_dir)
+        forget = _all_pairs(synth_dir)
         seed = params.diffusion.evaluate.seed
         metrics = {
-            "base": evaluate_version(base_dir, eval_kit, pairs, params, seed=seed, cache_dir=cache_dir, progress=True),
-            "new": evaluate_version(new_dir, eval_kit, pairs, params, seed=seed, progress=True),
+            "base": measure_version(base_dir, eval_kit, forget, params, seed=seed, cache_dir=cache_dir, progress=True),
+            "new": measure_version(new_dir, eval_kit, forget, params, seed=seed, progress=True),
         }
         teacher = teacher_dir(base_dir)
         if teacher != Path(base_dir):  # a chained request: gates are measured against the lineage's teacher
-            metrics["reference"] = evaluate_version(teacher, eval_kit, pairs, params, seed=seed, cache_dir=cache_dir,
-                                                    progress=True)
+            metrics["reference"] = measure_version(teacher, eval_kit, forget, params, seed=seed, cache_dir=cache_dir,
+                                                   progress=True)
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_comparison_grid(base_dir, new_dir, out_dir / "samples_before_after.png", params, seed=seed)
+        save_comparison_grid(base_dir, new_dir, out_dir / "samples_before_after.png", params, seed=seed,
+                             prompts=_grid_prompts(forget) if isinstance(forget, dict) else None)
         return metrics
 
     def reverify(self, model_dir: Path, eval_kit: Path, certificate: dict, params: Params, *,
                  base_dir: Path | None = None, subjects: list[dict] | None = None) -> list[Gate]:
         """The certificate's forgetting gates re-measured on `model_dir` (a later version must
-        still forget every class the certified one did), on fresh samples (another seed)."""
-        from forgetflow.diffusion.evaluate import evaluate_version
+        still forget every class or concept the certified one did), on fresh samples (another seed)."""
+        from forgetflow.diffusion.calibrate import measure_version
+        from forgetflow.diffusion.concepts import paraphrase_prompts
 
-        pairs = [(int(p["forget_class"]), int(p["override_class"])) for p in certificate["forgotten"]]
-        m = evaluate_version(model_dir, eval_kit, pairs, params, seed=params.diffusion.evaluate.seed + 1, progress=True)
+        forgotten = certificate["forgotten"]
+        if forgotten and "forget_prompt" in forgotten[0]:
+            vocab = _card(model_dir).get("vocabulary", {})
+            forget = {"forget": forgotten, "retain": [],
+                      "paraphrases": {c: paraphrase_prompts(vocab, c) for c in {r["concept"] for r in forgotten}}}
+            names = ("forget_rate", "paraphrase_forget_rate", "override_fidelity")
+        else:
+            forget = [(int(p["forget_class"]), int(p["override_class"])) for p in forgotten]
+            names = ("unlearning_accuracy", "override_fidelity")
+        m = measure_version(model_dir, eval_kit, forget, params, seed=params.diffusion.evaluate.seed + 1, progress=True)
         certified = {g["name"]: g for g in certificate["gates"]}
         return [Gate(n, m[n], certified[n]["threshold"], certified[n]["kind"])
-                for n in ("unlearning_accuracy", "override_fidelity") if n in certified and m.get(n) is not None]
+                for n in names if n in certified and m.get(n) is not None]
 
     def gates(self, metrics: dict, params: Params) -> list[Gate]:
         from forgetflow.diffusion.calibrate import diffusion_gates
 
         return diffusion_gates(metrics.get("reference", metrics["base"]), metrics["new"], params.diffusion.gates)
+
+
+def _grid_prompts(spec: dict, per_kind: int = 3) -> list[str]:
+    """Rows of a text-to-image comparison grid: forget prompts, paraphrases, retain prompts."""
+    paraphrases = [p for ps in spec["paraphrases"].values() for p in ps]
+    retain = spec["retain"][:: max(1, len(spec["retain"]) // per_kind)]
+    return [r["forget_prompt"] for r in spec["forget"]][:per_kind] + paraphrases[:per_kind] + retain[:per_kind]
+
+
+def _check_concept(request: DeletionRequest, card: dict, method: str) -> None:
+    """A concept request against a text-to-image model's vocabulary and lineage."""
+    from forgetflow.diffusion.sfd import SFD_VARIANTS
+
+    if method not in SFD_VARIANTS:
+        raise TargetError(f"method {method!r} forgets classes only; a text-to-image model takes {sorted(SFD_VARIANTS)}")
+    target, vocab = request.target, card.get("vocabulary", {})
+    forgotten = {r["concept"].lower() for r in card.get("forgotten", []) if "concept" in r}
+    if target.concept.lower() in forgotten:
+        raise TargetError(f"concept {target.concept!r} was already forgotten by an earlier request of {request.model}")
+    if target.override.lower() in forgotten:
+        raise TargetError(f"override {target.override!r} was itself forgotten earlier")
+    concepts = vocab.get("concepts", [])
+    if target.forget_prompts is None and concepts and target.concept not in concepts:
+        raise TargetError(f"concept {target.concept!r} is not in model {request.model}'s vocabulary "
+                          f"(known: {', '.join(concepts)}); or list the request's forget_prompts")
+
+
+def _synthesize_concept(request: DeletionRequest, card: dict, out_dir: Path, params: Params) -> dict:
+    """The prompt spec of a concept request: forget records, retain prompts, held-out paraphrases."""
+    from forgetflow.diffusion.concepts import build_prompt_forget, paraphrase_prompts
+
+    target, vocab = request.target, card.get("vocabulary", {})
+    lineage = [r for r in card.get("forgotten", []) if "forget_prompt" in r]
+    forget = build_prompt_forget(vocab, target.concept, target.override,
+                                 forgotten=sorted({r["concept"] for r in lineage}),
+                                 forget_prompts=target.forget_prompts, retain_prompts=target.retain_prompts)
+    concepts = sorted({r["concept"] for r in lineage} | {target.concept})
+    spec = {
+        "conditioning": "prompt",
+        "prompt_forget": forget.to_dict(),
+        "lineage_records": lineage,
+        "paraphrases": {c: paraphrase_prompts(vocab, c) for c in concepts if vocab.get("paraphrases")},
+        "seeds": {"train": params.diffusion.sfd.seed, "calibrate": params.diffusion.calibrate.seed,
+                  "evaluate": params.diffusion.evaluate.seed},
+        "real_data_used": False,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    return {"forget_prompts": len(forget.forget), "retain_prompts": len(forget.retain), "lineage_records": len(lineage)}
