@@ -52,14 +52,19 @@ def plot_metric_bars(metrics: dict, keys: list[str], out: Path) -> Path:
 
 
 def save_image_grid(images, rows: int, out: Path) -> Path:
-    """Images [N, C, H, W] in [-1, 1] as a grid of `rows` rows (one per label)."""
+    """Images [N, C, H, W] in [-1, 1] (C 1: grey, 3: RGB) as a grid of `rows` rows (one per
+    label or prompt)."""
     import numpy as np
 
     images = np.asarray(images)
     cols = len(images) // rows
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.6, rows * 0.6), squeeze=False)
     for i, ax in enumerate(axes.flat):
-        ax.imshow((images[i, 0] + 1) / 2, cmap="gray", vmin=0, vmax=1)
+        pixels = ((images[i] + 1) / 2).clip(0, 1)
+        if pixels.shape[0] == 3:
+            ax.imshow(pixels.transpose(1, 2, 0))
+        else:
+            ax.imshow(pixels[0], cmap="gray", vmin=0, vmax=1)
         ax.axis("off")
     fig.tight_layout(pad=0.1)
     fig.savefig(out, dpi=100)
