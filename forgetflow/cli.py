@@ -32,7 +32,9 @@ err = Console(stderr=True)
 DEMO_MODELS = {"diffusion": {False: "digits-ddpm", True: "digits-ddpm-tiny"},
                "text-to-image": {False: "digits-t2i", True: "digits-t2i-tiny"},
                "llm": {False: "support-llm", True: "support-llm-tiny"}}
-DEMO_FAMILIES = tuple(DEMO_MODELS)
+# `demo` (all): the two measured slices; `--family text-to-image` runs the concept demo, whose real
+# preset (a ~18 min teacher on 2 cores) has not been measured end to end yet
+DEMO_FAMILIES = ("diffusion", "llm")
 DEMO_CONCEPT = ("seven", "eight")  # the text-to-image demo forgets "seven", redrawn as "eight"
 DEMO_SUBJECTS = 4  # customers the LLM demo request forgets
 
@@ -480,19 +482,19 @@ def _demo_request(family: str, name: str, params, forget_class: int) -> dict:
 
 @app.command()
 def demo(ctx: typer.Context, quick: bool = typer.Option(False, "--quick", help="Tiny presets: minutes, for a first look."),
-         family: str = typer.Option("all", help="diffusion | text-to-image | llm | all"),
+         family: str = typer.Option("all", help="diffusion | llm | all (those two) | text-to-image"),
          forget_class: int = typer.Option(7, "--forget-class")):
     """The main job on the embedded default: start services, make and register the demo
-    models if needed (digits diffusion model; captioned-digits text-to-image model; support
-    chat model), file a deletion request for each (forget class 7; forget the concept
-    "seven"; forget four customers) and run it through the flow."""
+    models if needed (digits diffusion model; support chat model), file a deletion request
+    for each (forget class 7; forget four customers) and run it through the flow.
+    --family text-to-image: the captioned-digits text-to-image model, forget the concept "seven"."""
     from forgetflow import services
     from forgetflow.bootstrap import ensure_demo_llm, ensure_demo_model, ensure_demo_text_to_image
     from forgetflow.ledger import Ledger
     from forgetflow.request import parse_request
 
-    if family not in (*DEMO_FAMILIES, "all"):
-        _fail(f"--family must be one of {', '.join(DEMO_FAMILIES)} or all, not {family!r}")
+    if family not in (*DEMO_MODELS, "all"):
+        _fail(f"--family must be one of {', '.join(DEMO_MODELS)} or all, not {family!r}")
     o = _opts(ctx)
     if quick and o.preset is None:
         o.preset = "tiny"
