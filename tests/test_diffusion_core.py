@@ -13,13 +13,14 @@ from forgetflow.config import GateParams, SFDFromOneStepParams
 from forgetflow.diffusion.artifact import (ArtifactError, copy_teacher, load_version, new_scheduler, save_version,
                                           teacher_dir)
 from forgetflow.diffusion.calibrate import diffusion_gates
+from forgetflow.diffusion.conditioning import ClassConditioning
 from forgetflow.diffusion.data import load_digits_split
 from forgetflow.diffusion.evaluate import evaluate_version, frechet_distance
 from forgetflow.diffusion.judge import accuracy, load_judge
 from forgetflow.diffusion.methods import DIFFUSION_METHODS, get_method
 from forgetflow.diffusion.sample_cache import sample_classes
 from forgetflow.diffusion.sampling import nfe, sample, t_for_sigma
-from forgetflow.diffusion.sfd import RANDOM_OVERRIDE, SFD, _Batcher, train_sfd
+from forgetflow.diffusion.sfd import RANDOM_OVERRIDE, SFD, ConditionPlan, _Batcher, train_sfd
 from forgetflow.families.diffusion import resolve_overrides
 from forgetflow.request import RequestError, parse_request
 from tests.diffusion_fixtures import judge_dir, tiny_params, untrained_version, with_overrides  # noqa: F401
@@ -309,7 +310,9 @@ def test_random_override_is_opt_in_per_request_and_draws_remaining_classes(loop_
         parse_request({"request_id": "r", "model": "m",
                        "target": {"kind": "diffusion-class", "classes": [7], "override_rule": "sometimes"}})
     sfd = loop_params.diffusion.sfd.model_copy(update={"batch_forget": 64})
-    batcher = _Batcher({7: RANDOM_OVERRIDE, 3: 5}, 10, sfd, (38, 712), 16, torch.Generator().manual_seed(0), CPU)
+    pairs = {7: RANDOM_OVERRIDE, 3: 5}
+    plan = ConditionPlan(ClassConditioning(10), [c for c in range(10) if c not in pairs], pairs, list(range(10)), [], {})
+    batcher = _Batcher(plan, sfd, (38, 712), (1, 16, 16), torch.Generator().manual_seed(0), CPU)
     c, c_teacher, forget = batcher.labels(forget=True)
     teacher_7 = c_teacher[forget & (c == 7)]
     assert len(set(teacher_7.tolist())) > 1 and not set(teacher_7.tolist()) & {7, 3}  # random, never forgotten
