@@ -48,11 +48,12 @@ def test_a_concept_request_flows_through_the_six_stages_and_is_promoted(register
     assert set(gates) >= {"forget_rate", "paraphrase_forget_rate", "remaining_accuracy_drop", "style_accuracy_drop",
                           "remaining_fd_ratio", "nfe_reduction"}
     assert gates["forget_rate"]["passed"] and gates["paraphrase_forget_rate"]["passed"], gates
-    assert "Stop generating \u201cseven\u201d" in (workdir / "reports" / "forget-seven" / "report.html").read_text()
     # the tiny teacher's retain FD ratio measured 1.79 (gate 1.25): promoted only when every gate passed
     promoted = all(g["passed"] for g in report["gates"])
     assert report["status"] == ("promoted" if promoted else "rejected")
     assert (registry.alias_version(MODEL, "champion") == report["new_version"]) == promoted
+    if promoted:  # the certificate (promoted versions only) names what was forgotten, in plain words
+        assert "Stop generating \u201cseven\u201d" in (workdir / "reports" / "forget-seven" / "report.html").read_text()
     card = json.loads((registry.download(MODEL, report["new_version"], workdir / "new") / "model_card.json").read_text())
     assert card["conditioning"] == "prompt" and {r["concept"] for r in card["forgotten"]} == {"seven"}
 
