@@ -146,20 +146,9 @@ def champion_version(name: str, settings: Settings) -> str | None:
 def ensure_demo_model(name: str, params: Params, settings: Settings, out: Path, cache_dir: Path | None = None) -> str:
     """The demo model registered as `name@champion` (with its one-step serving version), trained
     first if not on disk (DVC stage `train_base` makes the same folders)."""
-    from forgetflow.compute import resolve_device
-    from forgetflow.diffusion.judge import train_judge
     from forgetflow.diffusion.train_base import train_teacher
 
-    current = champion_version(name, settings)
-    if current is not None:
-        return current
-    device = resolve_device(params.compute)
-    if not (out / "model" / "model_card.json").exists():
-        train_teacher(params, out / "model", device=device)
-    if not (out / "judge" / "judge_card.json").exists():
-        train_judge(params, out / "judge", device=device)
-    return register_model(name, out / "model", out / "judge", params, settings,
-                          cache_dir=cache_dir).champion_candidate
+    return _ensure_diffusion_demo(name, params, settings, out, cache_dir, train_teacher, captioned=False)
 
 
 def ensure_demo_text_to_image(name: str, params: Params, settings: Settings, out: Path,
@@ -167,18 +156,26 @@ def ensure_demo_text_to_image(name: str, params: Params, settings: Settings, out
     """The demo text-to-image model (captioned digits, tiny CLIP text encoder) registered as
     `name@champion` with its one-step serving version, trained first if not on disk, with its
     judge of both stroke styles (DVC stage `train_text_to_image` makes the same folders)."""
+    from forgetflow.diffusion.text_model import train_text_teacher
+
+    return _ensure_diffusion_demo(name, params, settings, out, cache_dir, train_text_teacher, captioned=True)
+
+
+def _ensure_diffusion_demo(name: str, params: Params, settings: Settings, out: Path, cache_dir: Path | None,
+                           train_model, *, captioned: bool) -> str:
+    """@champion of `name`, else train_model and the judge into out/model and out/judge (each
+    only if not on disk) and register them."""
     from forgetflow.compute import resolve_device
     from forgetflow.diffusion.judge import train_judge
-    from forgetflow.diffusion.text_model import train_text_teacher
 
     current = champion_version(name, settings)
     if current is not None:
         return current
     device = resolve_device(params.compute)
     if not (out / "model" / "model_card.json").exists():
-        train_text_teacher(params, out / "model", device=device)
+        train_model(params, out / "model", device=device)
     if not (out / "judge" / "judge_card.json").exists():
-        train_judge(params, out / "judge", device=device, captioned=True)
+        train_judge(params, out / "judge", device=device, captioned=captioned)
     return register_model(name, out / "model", out / "judge", params, settings,
                           cache_dir=cache_dir).champion_candidate
 

@@ -153,7 +153,7 @@ def _pipeline_index(version: DiffusionVersion) -> dict:
     """model_index.json of a ddpm prompt version: StableDiffusionPipeline.from_pretrained loads it."""
     import diffusers
 
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+    return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
              "unet": ["diffusers", type(version.score).__name__],
              "text_encoder": ["transformers", type(version.text_encoder).__name__],
              "tokenizer": ["transformers", type(version.tokenizer).__name__],
@@ -161,7 +161,6 @@ def _pipeline_index(version: DiffusionVersion) -> dict:
              "vae": ["diffusers", "AutoencoderKL"] if version.vae is not None else [None, None],
              "safety_checker": [None, None], "feature_extractor": [None, None],
              "requires_safety_checker": False}
-    return index
 
 
 def save_version(directory: Path, version: DiffusionVersion) -> Path:
