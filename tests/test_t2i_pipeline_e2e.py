@@ -1,13 +1,20 @@
-"""End to end for a text-to-image model, as a user runs it: the CLI registers the captioned-digits
-pipeline folder, a concept request ("seven", redrawn as "eight") runs the same six-stage flow
-against the real object store and MLflow, and consumers draw prompts through the pyfunc."""
+"""Concept forgetting for a text-to-image model, end to end as a user runs it: the CLI registers
+the captioned-digits pipeline folder, a concept request ("seven", redrawn as "eight") runs the
+six-stage flow against the real object store and MLflow, and consumers draw prompts through the
+pyfunc. The report's metrics are also the behaviour test of SFD with prompts (one SFD run serves
+both: the tiny model's run costs ~3 minutes on 2 cores): data-free, the model learns to draw an
+eight wherever a prompt says "seven", paraphrases it never trained on included ("the digit 7",
+"number seven"), while the other digits and both stroke styles stay."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import pytest
+import yaml
 
+from forgetflow.diffusion.artifact import load_card
+from forgetflow.diffusion.concepts import build_prompt_forget
 from forgetflow.ledger import Ledger
 from forgetflow.registry import Registry
 from tests.cli import forgetflow
@@ -33,35 +40,91 @@ def registered(services, tmp_path_factory, t2i_teacher, t2i_judge_dir):
     return workdir, state_dir
 
 
-def test_a_concept_request_flows_through_the_six_stages_and_is_promoted(registered, services):
+@pytest.fixture(scope="module")
+def forgotten(registered, services):
+    """The request "forget seven, redraw it as eight" run through the CLI: its report and version folder."""
     workdir, state_dir = registered
-    registry = Registry(services.mlflow_uri)
     out = forgetflow(workdir, state_dir, "request", "submit", str(write_request(workdir, "forget-seven", concept="seven")),
                      "--run")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-
     report = json.loads((workdir / "reports" / "forget-seven" / "report.json").read_text())
+    print(json.dumps(report["metrics"], indent=1))
+    version_dir = Registry(services.mlflow_uri).download(MODEL, report["new_version"], workdir / "new")
+    return report, version_dir
+
+
+def test_the_base_draws_the_concept_from_its_prompts_and_paraphrases(forgotten):
+    base = forgotten[0]["metrics"]["base"]
+    assert base["forget_rate"] > 0.7
+    assert base["paraphrase_forget_rate"] > 0.7
+    assert base["retain_accuracy"] > 0.8
+    # the 800-step tiny teacher draws stroke styles barely above chance (0.58-0.68 measured):
+    # style retention is gated as a drop from the base, not as an absolute
+    assert base["style_accuracy"] > 0.5
+
+
+def test_sfd_redraws_seven_as_eight_paraphrases_included_and_keeps_digits_and_styles(forgotten):
+    report = forgotten[0]
     base, new = report["metrics"]["base"], report["metrics"]["new"]
-    assert base["forget_rate"] > 0.5 > new["forget_rate"]
-    assert new["paraphrase_forget_rate"] < base["paraphrase_forget_rate"]
+    assert new["forget_rate"] <= 0.05
+    assert new["paraphrase_forget_rate"] <= 0.1  # never trained on
+    assert new["override_fidelity"] >= 0.8
+    assert base["retain_accuracy"] - new["retain_accuracy"] <= 0.05
+    assert base["style_accuracy"] - new["style_accuracy"] <= 0.1
+    assert new["retain_fd"] <= 1.5 * base["retain_fd"]  # measured 0.74x with params.yaml's sfd.prompt
+    assert new["nfe"] == (1 if new["guidance_scale"] == 1.0 else 2)
     gates = {g["name"]: g for g in report["gates"]}
     assert set(gates) >= {"forget_rate", "paraphrase_forget_rate", "remaining_accuracy_drop", "style_accuracy_drop",
                           "remaining_fd_ratio", "nfe_reduction"}
     assert gates["forget_rate"]["passed"] and gates["paraphrase_forget_rate"]["passed"], gates
-    # the tiny teacher's retain FD ratio measured 1.79 (gate 1.25): promoted only when every gate passed
-    promoted = all(g["passed"] for g in report["gates"])
-    assert report["status"] == ("promoted" if promoted else "rejected")
-    assert (registry.alias_version(MODEL, "champion") == report["new_version"]) == promoted
-    if promoted:  # the certificate (promoted versions only) names what was forgotten, in plain words
-        assert "Stop generating \u201cseven\u201d" in (workdir / "reports" / "forget-seven" / "report.html").read_text()
-    card = json.loads((registry.download(MODEL, report["new_version"], workdir / "new") / "model_card.json").read_text())
-    assert card["conditioning"] == "prompt" and {r["concept"] for r in card["forgotten"]} == {"seven"}
 
-    # consumers draw prompts from the champion through its MLflow pyfunc
+
+def test_the_version_passes_every_gate_and_becomes_champion_with_a_certificate(forgotten, registered, services):
+    # params.yaml's sfd.prompt recipe passes every gate on the tiny model (retain FD 0.74-0.79x);
+    report, workdir = forgotten[0], registered[0]
+    assert [g["name"] for g in report["gates"] if not g["passed"]] == []
+    assert report["status"] == "promoted"
+    assert Registry(services.mlflow_uri).alias_version(MODEL, "champion") == report["new_version"]
+    html = (workdir / "reports" / "forget-seven" / "report.html").read_text()
+    assert "Stop generating \u201cseven\u201d" in html  # the certificate, in plain words
+
+
+def test_the_version_records_its_forgotten_prompts(forgotten, t2i_teacher):
+    card = load_card(forgotten[1])
+    assert card.kind == "one-step" and card.conditioning == "prompt" and card.vocabulary
+    assert {r["concept"] for r in card.forgotten} == {"seven"}
+    expected = build_prompt_forget(load_card(t2i_teacher).vocabulary, "seven", "eight", forgotten=[])
+    assert sorted(card.forgotten_prompt_pairs) == sorted((r["forget_prompt"], r["override_prompt"])
+                                                          for r in expected.forget)
+
+
+def test_consumers_draw_prompts_from_the_champion_through_its_pyfunc(forgotten, registered):
+    workdir, state_dir = registered
     drawn = forgetflow(workdir, state_dir, "generate", MODEL, "--prompt", "a handwritten seven", "--prompt",
                        "number one", "--n", "4", "--out", str(workdir / "samples.png"))
     assert drawn.returncode == 0, drawn.stderr[-2000:]
     assert (workdir / "samples.png").stat().st_size > 500
+
+
+def test_a_version_that_fails_a_gate_is_registered_but_never_champion(forgotten, registered, services):
+    """Four SFD iterations cannot redraw "nine": the forget gate fails, the version is kept as
+    @challenger for inspection, @champion stays where it was and the report says why."""
+    workdir, state_dir = registered
+    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    tiny_sfd = params["presets"]["tiny"]["diffusion"]["sfd"]
+    tiny_sfd["iterations"] = tiny_sfd["from_one_step"]["iterations"] = 4
+    short = workdir / "params-4-iterations.yaml"
+    short.write_text(yaml.safe_dump(params))
+    registry = Registry(services.mlflow_uri)
+    champion = registry.alias_version(MODEL, "champion")
+    out = forgetflow(workdir, state_dir, "request", "submit", str(write_request(workdir, "forget-nine", concept="nine")),
+                     "--run", env={"FORGETFLOW_PARAMS": str(short)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((workdir / "reports" / "forget-nine" / "report.json").read_text())
+    assert report["status"] == "rejected" and "forget_rate" in report["error"]
+    assert Ledger(state_dir).get("forget-nine").state == "rejected"
+    assert registry.alias_version(MODEL, "champion") == champion
+    assert registry.alias_version(MODEL, "challenger") == report["new_version"] != champion
 
 
 @pytest.mark.parametrize("request_id, target, message", [

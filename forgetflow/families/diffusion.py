@@ -157,9 +157,8 @@ class DiffusionFamily:
         or with distill.on_register off. Requests from it run SFD's short forgetting stage
         (sfd.from_one_step) instead of the whole distillation."""
         from forgetflow.diffusion.calibrate import calibrate_version, diffusion_gates, measure_version
-        from forgetflow.diffusion.sfd import SiD
-
         from forgetflow.diffusion.concepts import PromptForget
+        from forgetflow.diffusion.sfd import SiD
 
         distill, card = params.diffusion.distill, _card(model_dir)
         if card["kind"] != "ddpm" or not distill.on_register:
@@ -181,9 +180,8 @@ class DiffusionFamily:
 
     def unlearn(self, model_dir: Path, synth_dir: Path, out_dir: Path, params: Params, *,
                 method: str, base_version: str, checkpoints: CheckpointSink | None, progress: bool) -> Path:
-        from forgetflow.diffusion.methods import get_method
-
         from forgetflow.diffusion.concepts import PromptForget
+        from forgetflow.diffusion.methods import get_method
 
         spec = json.loads((Path(synth_dir) / SPEC_FILE).read_text())
         if spec.get("conditioning") == "prompt":
