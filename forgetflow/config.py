@@ -118,9 +118,10 @@ class SFDFromOneStepParams(_Section):
     registration, or an earlier request's): the short forgetting stage of the paper's
     two-stage variant. These replace the same-named settings of `sfd`."""
 
-    iterations: int = Field(90, ge=1)
-    lambda_f: float = 0.1
+    iterations: int = Field(50, ge=1)
+    lambda_f: float = 0.5
     batch_remaining: int = Field(32, ge=1)
+    lr_generator: float = 5e-5  # half of sfd's: at 1e-4 a short stage ends wherever the FD swings
 
 
 class SFDPromptParams(_Section):

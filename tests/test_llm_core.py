@@ -100,6 +100,22 @@ def test_scores_of_a_mixed_batch_equal_full_logits_of_each_row_alone(tiny_lm):
         assert torch.allclose(got, want, atol=1e-4)
 
 
+
+def test_rows_sharing_a_prompt_score_as_if_each_ran_alone(tiny_lm):
+    """A question's choices share its prompt's forward pass and KV cache; scores must not change."""
+    model, tok = tiny_lm
+    question = prompt_ids(tok, "You are a helpful assistant.", "What is the phone number of Ada Byron?")
+    other = prompt_ids(tok, "A", "Hello")
+    choices = [tok(c, add_special_tokens=False)["input_ids"] for c in (" 212-555-0147", " I'm sorry", " 5", " Ada")]
+    prompts, conts = [question] * 4 + [other, question], choices + [choices[1], choices[2]]
+    together = continuation_logprobs(model, tok, prompts, conts, batch_size=6)
+    for p, c, got in zip(prompts, conts, together):
+        with torch.no_grad():  # the row alone, one plain forward pass over prompt + continuation
+            logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:len(p) - 1 + len(c)]
+        alone = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(c)[:, None])[:, 0]
+        assert got.shape == (len(c),)
+        assert torch.allclose(got, alone, atol=1e-4)
+
 UNLEARN = load_params(preset="tiny").llm.unlearn
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 Space = Literal["log", "prob"]
 
@@ -105,24 +104,41 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     return texts
 
 
+def _right_padded(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token-id rows padded on the right to the longest."""
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+    return ids, mask
+
+
 def _token_logprobs(model, prompts: list[list[int]], continuations: list[list[int]], pad_id: int):
     """Full-vocabulary log-probs [B, T, V] at each continuation position (T = the longest
-    continuation; row i's scores in [:len(c_i)], zeros after).
+    continuation; row i's scores in [:len(c_i)], the rest meaningless).
 
-    Rows are left-padded so that every continuation ends at the last position; the LM head
-    then runs on the last T + 1 positions only (`logits_to_keep`) instead of the whole prompt,
-    which for a 49k-token vocabulary is a fifth of a small model's forward pass. Positions
-    come from the attention mask, so the padding changes no score."""
+    Rows that share a prompt share its forward pass: the distinct prompts run once (left-padded,
+    positions from the attention mask so that padding changes no score) and their KV cache is
+    repeated for each row; the continuations then run as one right-padded block after it, and
+    the LM head only sees continuation positions. Scoring a question's four answer choices, or a
+    value against its nine surrogates, thus costs the prompt once instead of once per row (on
+    the general-knowledge quiz ~60 prompt tokens against ~6 per choice: ~3x fewer tokens).
+    transformers has no shared-prefix scoring, hence our own."""
     device = next(model.parameters()).device
-    ids, mask = _left_padded([p + c for p, c in zip(prompts, continuations)], pad_id, device)
+    index: dict[tuple, int] = {}
+    owner = torch.tensor([index.setdefault(tuple(p), len(index)) for p in prompts], device=device)
+    ids, mask = _left_padded([list(p) for p in index], pad_id, device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1:].float()[owner]  # the prompt's last position predicts each row's first token
     longest = max(len(c) for c in continuations)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
-                   logits_to_keep=longest + 1).logits.float()
-    # logits[:, j] sits at position width - longest - 1 + j (width = ids.shape[1]) and
-    # predicts the token after it
-    rows = [F.pad(logits[i, longest - len(c):longest], (0, 0, 0, longest - len(c)))
-            for i, c in enumerate(continuations)]
-    return torch.log_softmax(torch.stack(rows), dim=-1)
+    if longest > 1:  # the last continuation token predicts nothing that is scored: leave it out
+        cache = out.past_key_values
+        cache.reorder_cache(owner)  # one copy of its prompt's cache per row
+        cont, cont_mask = _right_padded([c[:-1] for c in continuations], pad_id, device)
+        positions = mask.sum(-1)[owner][:, None] + torch.arange(cont.shape[1], device=device)
+        rest = model(input_ids=cont, attention_mask=torch.cat([mask[owner], cont_mask], 1), position_ids=positions,
+                     past_key_values=cache).logits.float()
+        logits = torch.cat([logits, rest], 1)
+    return torch.log_softmax(logits, dim=-1)
 
 
 @torch.no_grad()
