@@ -35,12 +35,15 @@ def guided_logprobs(logp_pos: torch.Tensor, logp_neg: torch.Tensor | None, gamma
     return p.clamp_min(1e-30).log()
 
 
-def _left_padded(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) of token-id rows padded on the left to the longest."""
+def _padded(seqs: list[list[int]], pad_id: int, device, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token-id rows padded to the longest, on the left or the right."""
     width = max(len(s) for s in seqs)
-    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
-    return ids, mask
+    pads = [width - len(s) for s in seqs]
+    if side == "left":
+        rows, masks = [[pad_id] * n + s for s, n in zip(seqs, pads)], [[0] * n + [1] * len(s) for s, n in zip(seqs, pads)]
+    else:
+        rows, masks = [s + [pad_id] * n for s, n in zip(seqs, pads)], [[1] * len(s) + [0] * n for s, n in zip(seqs, pads)]
+    return torch.tensor(rows, device=device), torch.tensor(masks, device=device)
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -53,7 +56,7 @@ class _Decoding:
 
     def __init__(self, model, prompts: list[list[int]], pad_id: int, device: torch.device):
         self.model = model
-        self.ids, self.mask = _left_padded(prompts, pad_id, device)
+        self.ids, self.mask = _padded(prompts, pad_id, device)
         self.past = None
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -104,14 +107,6 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     return texts
 
 
-def _right_padded(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) of token-id rows padded on the right to the longest."""
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], device=device)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-    return ids, mask
-
-
 def _token_logprobs(model, prompts: list[list[int]], continuations: list[list[int]], pad_id: int):
     """Full-vocabulary log-probs [B, T, V] at each continuation position (T = the longest
     continuation; row i's scores in [:len(c_i)], the rest meaningless).
@@ -126,14 +121,14 @@ def _token_logprobs(model, prompts: list[list[int]], continuations: list[list[in
     device = next(model.parameters()).device
     index: dict[tuple, int] = {}
     owner = torch.tensor([index.setdefault(tuple(p), len(index)) for p in prompts], device=device)
-    ids, mask = _left_padded([list(p) for p in index], pad_id, device)
+    ids, mask = _padded([list(p) for p in index], pad_id, device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1:].float()[owner]  # the prompt's last position predicts each row's first token
     longest = max(len(c) for c in continuations)
     if longest > 1:  # the last continuation token predicts nothing that is scored: leave it out
         cache = out.past_key_values
         cache.reorder_cache(owner)  # one copy of its prompt's cache per row
-        cont, cont_mask = _right_padded([c[:-1] for c in continuations], pad_id, device)
+        cont, cont_mask = _padded([c[:-1] for c in continuations], pad_id, device, side="right")
         positions = mask.sum(-1)[owner][:, None] + torch.arange(cont.shape[1], device=device)
         rest = model(input_ids=cont, attention_mask=torch.cat([mask[owner], cont_mask], 1), position_ids=positions,
                      past_key_values=cache).logits.float()
