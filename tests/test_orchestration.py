@@ -382,8 +382,8 @@ def test_deployed_on_worker_pools_the_unlearn_stage_runs_on_its_own_pool(workspa
             assert out.returncode == 0 and "announced" in out.stdout, out.stdout + out.stderr
             entry = wait_final(state_dir, ["pooled-1"], logs[0])["pooled-1"]
         assert entry.state in ("promoted", "rejected"), entry.error  # final: the pipeline ran to the end
-        on_request_run, = runs_named(f"on-request-{request_hash('pooled-1')}")
-        stage_run, = runs_named(f"unlearn-{POOLED}-")
+        on_request_run, = final_runs(f"on-request-{request_hash('pooled-1')}", 1)
+        stage_run, = final_runs(f"unlearn-{POOLED}-", 1)
         assert on_request_run.work_pool_name == CPU_POOL and on_request_run.state.is_completed()
         assert stage_run.work_pool_name == GPU_POOL and stage_run.state.is_completed(), stage_run.state
         assert stage_run.name == f"unlearn-{POOLED}-{request_hash('pooled-1')}"  # hashed id, no request content
