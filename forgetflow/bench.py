@@ -336,8 +336,9 @@ def methods_of(family: str) -> list[str]:
 
 def run_bench(family: str, params: Params, out_root: Path, *, seeds: int = 3, methods: list[str] | None = None,
               model_dir: Path | None = None, eval_kit: Path | None = None, tracking_uri: str | None = None,
-              progress: bool = True) -> Path:
-    """Run the bench of one family; returns the results folder."""
+              progress: bool = True, command: str | None = None) -> Path:
+    """Run the bench of one family; returns the results folder. `command`: the invocation that
+    made it, recorded with the results."""
     known = methods_of(family)
     methods = methods or known
     if unknown := [m for m in methods if m not in known]:
@@ -349,7 +350,7 @@ def run_bench(family: str, params: Params, out_root: Path, *, seeds: int = 3, me
     trials, setup_s = run(params, work, methods, seeds, model_dir=model_dir, eval_kit=eval_kit, progress=progress)
     keys = DIFFUSION_KEYS if family == "diffusion" else LLM_KEYS
     summary = summarise(trials, keys)
-    result = {"family": family, "created": stamp, "seeds": seeds, "device": device_name(params),
+    result = {"family": family, "created": stamp, "command": command, "seeds": seeds, "device": device_name(params),
               "methods": methods, "setup_s": setup_s, "summary": summary, "trials": [asdict(t) for t in trials],
               "real_data": {m: DIFFUSION_REAL_DATA.get(m) for m in methods} if family == "diffusion" else {}}
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
@@ -379,6 +380,7 @@ def markdown_table(result: dict, keys: list[str]) -> str:
              + (f"; building the demo base took {setup['base']:.0f} s" if (setup := result["setup_s"])["base"] else "")
              + (f"; {', '.join(FROM_SERVING)} start(s) from the one-step version distilled once at registration "
                 f"({setup['serving']:.0f} s, plain SiD)" if setup.get("serving") else ""), "",
+             *([f"made by `{result['command']}`", ""] if result.get("command") else []),
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for method, row in result["summary"].items():
         note = result["real_data"].get(method)

@@ -2,6 +2,8 @@
 (forgetflow/bench.py); a table, a JSON file and plots per family, and MLflow runs."""
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 
 import typer
@@ -34,7 +36,7 @@ def bench(ctx: typer.Context,
         picked = [m for m in chosen if m in methods_of(fam)] if chosen and len(families) > 1 else chosen
         try:
             folder = run_bench(fam, params, out, seeds=seeds, methods=picked, model_dir=model_dir, eval_kit=eval_kit,
-                               tracking_uri=tracking)
+                               tracking_uri=tracking, command=shlex.join(["forgetflow", *sys.argv[1:]]))
         except ValueError as exc:
             cli._fail(str(exc))
         cli.console.print((folder / "results.md").read_text(), markup=False, highlight=False)

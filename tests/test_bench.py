@@ -43,6 +43,8 @@ def bench(workdir: Path, state_dir: Path, *args: str) -> dict:
     (folder,) = (workdir / "results").iterdir()
     assert str(folder) in out.stdout.replace("\n", "")
     result = json.loads((folder / "results.json").read_text())
+    command = " ".join(["forgetflow", "--preset", "tiny", "--params", str(small_params(workdir)), "bench", "--out", str(workdir / "results"), *args])
+    assert result["command"] == command and f"made by `{command}`" in (folder / "results.md").read_text()
     assert (folder / "tradeoff.png").stat().st_size > 5000 and (folder / "seconds.png").stat().st_size > 5000
     return {"result": result, "table": (folder / "results.md").read_text(), "stdout": out.stdout}
 
