@@ -68,6 +68,9 @@ def main(ctx: typer.Context,
     ctx.obj = Opts(params, preset, state)
 
 
+REJECTED_EXIT = 2  # `request submit --run` / `demo`: the request ran and a gate refused its version (1: an error)
+
+
 def _fail(message: str, code: int = 1):
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # one line, whatever the width
     raise typer.Exit(code)
@@ -236,7 +239,7 @@ def request_submit(ctx: typer.Context, file: Path, run_now: bool = typer.Option(
     if run_now:
         entry, created = _guard(lambda: Ledger(o.state_dir).submit(request))
         console.print(f"request {entry.request_id}: {'accepted' if created else 'already known, ' + entry.state}")
-        _run_request(o, entry.request_id)
+        _exit_if_rejected([_run_request(o, entry.request_id)])
         return
     _announce_env(o)
     from flows.triggers import submit_request
@@ -265,7 +268,7 @@ def _announce_env(o: Opts) -> None:
 @app.command()
 def run(ctx: typer.Context, request_id: str):
     """Run (or resume) the forget flow for an accepted request."""
-    _run_request(_opts(ctx), request_id)
+    _exit_if_rejected([_run_request(_opts(ctx), request_id)])
 
 
 def _run_request(o: Opts, request_id: str) -> dict:
@@ -284,6 +287,16 @@ def _run_request(o: Opts, request_id: str) -> dict:
     _print_summary(report)
     console.print(f"report: {Ledger(o.state_dir).get(request_id).report_path}")
     return report
+
+
+def _exit_if_rejected(reports: list[dict]) -> None:
+    """A request that ran to the end without a promotion is not a success for a script."""
+    rejected = [r for r in reports if r["status"] == "rejected"]
+    for r in rejected:
+        err.print(f"[bold red]rejected:[/] request {r['request_id']}: {r.get('error')}; version {r['new_version']} "
+                  f"is kept as @challenger, @champion is unchanged", highlight=False, soft_wrap=True)
+    if rejected:
+        raise typer.Exit(REJECTED_EXIT)
 
 
 @app.command()
@@ -504,15 +517,17 @@ def demo(ctx: typer.Context, quick: bool = typer.Option(False, "--quick", help="
     _dvc_remote(o)
     params, settings = _guard(_connect, o)
     ensures = {"diffusion": ensure_demo_model, "text-to-image": ensure_demo_text_to_image, "llm": ensure_demo_llm}
+    reports = []
     for fam in (DEMO_FAMILIES if family == "all" else (family,)):
         name = DEMO_MODELS[fam][quick]
         ensure = ensures[fam]
         _guard(ensure, name, params, settings, Path("artifacts") / name, Path(o.state_dir) / "cache")
         request = parse_request(_demo_request(fam, name, params, forget_class))
         entry, _ = _guard(lambda: Ledger(o.state_dir).submit(request))
-        _run_request(o, entry.request_id)
+        reports.append(_run_request(o, entry.request_id))
     _print_services(info)
     console.print("services keep running; stop them with `forgetflow down`.")
+    _exit_if_rejected(reports)
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ def forgotten(registered, services):
     workdir, state_dir = registered
     out = forgetflow(workdir, state_dir, "request", "submit", str(write_request(workdir, "forget-seven", concept="seven")),
                      "--run")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads((workdir / "reports" / "forget-seven" / "report.json").read_text())
+    assert out.returncode == {"promoted": 0, "rejected": 2}[report["status"]], out.stdout[-3000:] + out.stderr[-3000:]
     print(json.dumps(report["metrics"], indent=1))
     version_dir = Registry(services.mlflow_uri).download(MODEL, report["new_version"], workdir / "new")
     return report, version_dir
@@ -122,7 +122,8 @@ def test_a_version_that_fails_a_gate_is_registered_but_never_champion(forgotten,
     champion = registry.alias_version(MODEL, "champion")
     out = forgetflow(workdir, state_dir, "request", "submit", str(write_request(workdir, "forget-nine", concept="nine")),
                      "--run", env={"FORGETFLOW_PARAMS": str(short)})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]  # rejected: not 0, not an error's 1
+    assert "rejected: request forget-nine" in out.stderr and "@champion is unchanged" in out.stderr
     report = json.loads((workdir / "reports" / "forget-nine" / "report.json").read_text())
     assert report["status"] == "rejected" and "forget_rate" in report["error"]
     assert Ledger(state_dir).get("forget-nine").state == "rejected"
