@@ -17,7 +17,8 @@ from forgetflow.llm.generation import continuation_logprobs, generate, guided_lo
 from forgetflow.llm.methods import LLM_METHODS
 from forgetflow.llm.mia import forget_quality, mia_auc, min_k_scores, strangers
 from forgetflow.llm.objectives import OBJECTIVES, ForgetLogps, log1m_exp
-from forgetflow.llm.orpo import encode_row, mean_logps, retain_kl, train_adapter
+from forgetflow.llm.answers import mean_logps
+from forgetflow.llm.orpo import encode_row, retain_kl, train_adapter
 from forgetflow.llm.pii import leaked, recognise, subject_hash
 from forgetflow.llm.synthesize import WITHHELD, build_rows, split_roster
 from forgetflow.request import RequestError, parse_request
@@ -222,16 +223,31 @@ def test_every_method_trains_the_adapter_and_lowers_the_leaking_answer(leaky_lm,
         assert after < before - 0.05, (method, before, after)
 
 
-def test_answer_logprobs_of_a_padded_batch_match_each_row_scored_alone(tiny_lm):
+@pytest.mark.parametrize("shared, checkpointing", [(True, False), (False, False), (True, True)],
+                         ids=["shared-prompt", "distinct-prompts", "shared-under-checkpointing"])
+def test_answer_logprobs_of_a_padded_batch_match_each_row_scored_alone(tiny_lm, shared, checkpointing):
+    """Both paths of answers.answer_token_logprobs (a shared prompt runs once, through the KV
+    cache; distinct prompts, or any under activation checkpointing where transformers drops the
+    cache, in one left-padded pass): the scores and gradients of rows scored alone, unpadded."""
     model, tok = tiny_lm
-    prompts = [tok("What is the phone number of Ada Byron?")["input_ids"], tok("You are")["input_ids"]]
-    answers = [tok(" The phone number")["input_ids"], tok(" a helpful assistant.")["input_ids"]]
+    if checkpointing:
+        model = copy.deepcopy(model).train()
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    question = tok("What is the phone number of Ada Byron?")["input_ids"]
+    prompts = [question, tok("You are")["input_ids"], question if shared else tok("Call")["input_ids"]]
+    answers = [tok(" The phone number")["input_ids"], tok(" a helpful assistant.")["input_ids"], tok(" 555")["input_ids"]]
     with torch.no_grad():
         batched = mean_logps(model, tok, prompts, answers)
         for i, (p, a) in enumerate(zip(prompts, answers)):
             logp = torch.log_softmax(model(input_ids=torch.tensor([p + a])).logits[0, :-1].float(), -1)
             alone = logp[len(p) - 1:].gather(-1, torch.tensor(a)[:, None]).mean()
             assert torch.allclose(batched[i], alone, atol=1e-5)
+    # left padding and the head over answer positions only: the same gradients as unpadded rows
+    weights = [w for w in model.parameters()]
+    together = torch.autograd.grad(mean_logps(model, tok, prompts, answers).sum(), weights)
+    apart = [torch.autograd.grad(mean_logps(model, tok, [p], [a]).sum(), weights) for p, a in zip(prompts, answers)]
+    for g, *parts in zip(together, *apart):
+        assert torch.isfinite(g).all() and torch.allclose(g, sum(parts), atol=1e-5)
 
 
 def test_retain_kl_is_zero_for_a_fresh_adapter_and_positive_once_it_moves(tiny_lm):

@@ -21,6 +21,7 @@ import torch
 
 from forgetflow.compute import autocast, checkpointed, clipped_step, grad_scaler
 from forgetflow.config import ComputeParams, LLMFinetuneParams, TinyLMParams
+from forgetflow.llm.answers import answer_token_logprobs
 from forgetflow.llm.chat import CHATML_TEMPLATE, answer_ids, prompt_ids
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -101,8 +102,11 @@ def finetune(model, tokenizer, chats: list[list[dict]], p: LLMFinetuneParams, co
     Returns the loss history."""
     from tqdm.auto import tqdm
 
-    rows = [encode_chat(tokenizer, m) for m in chats]
-    rows = [(i[:p.max_length], l[:p.max_length]) for i, l in rows]
+    rows = []  # (prompt, answer) token ids, truncated to max_length together
+    for ids, labels in (encode_chat(tokenizer, m) for m in chats):
+        cut = labels.count(-100)
+        if cut < p.max_length:
+            rows.append((ids[:cut], ids[cut:p.max_length]))
     rng = random.Random(p.seed)
     torch.manual_seed(p.seed)
     checkpointed(model, compute).to(device).train()
@@ -118,13 +122,10 @@ def finetune(model, tokenizer, chats: list[list[dict]], p: LLMFinetuneParams, co
     for epoch in range(p.epochs):
         rng.shuffle(rows)
         for start in range(0, len(rows), p.batch_size):
-            batch = rows[start:start + p.batch_size]
-            width = max(len(i) for i, _ in batch)
-            ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i, _ in batch], device=device)
-            labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in batch], device=device)
-            mask = (torch.arange(width, device=device)[None] < torch.tensor([len(i) for i, _ in batch], device=device)[:, None]).long()
-            with autocast(device, compute):
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            prompts, answers = zip(*rows[start:start + p.batch_size])
+            with autocast(device, compute):  # the mean NLL over the batch's answer tokens
+                logp, target, _ = answer_token_logprobs(model, list(prompts), list(answers), tokenizer.pad_token_id)
+                loss = -logp.gather(-1, target[:, None]).mean()
             clipped_step(loss, optimizer, scaler, model.parameters(), p.grad_clip)
             schedule.step()
             step += 1

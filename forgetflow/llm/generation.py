@@ -35,7 +35,7 @@ def guided_logprobs(logp_pos: torch.Tensor, logp_neg: torch.Tensor | None, gamma
     return p.clamp_min(1e-30).log()
 
 
-def _padded(seqs: list[list[int]], pad_id: int, device, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(seqs: list[list[int]], pad_id: int, device, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention mask) of token-id rows padded to the longest, on the left or the right."""
     width = max(len(s) for s in seqs)
     pads = [width - len(s) for s in seqs]
@@ -46,7 +46,7 @@ def _padded(seqs: list[list[int]], pad_id: int, device, side: str = "left") -> t
     return torch.tensor(rows, device=device), torch.tensor(masks, device=device)
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that ignore left padding: 0 at each row's first real token."""
     return (mask.cumsum(-1) - 1).clamp_min(0)
 
@@ -56,14 +56,14 @@ class _Decoding:
 
     def __init__(self, model, prompts: list[list[int]], pad_id: int, device: torch.device):
         self.model = model
-        self.ids, self.mask = _padded(prompts, pad_id, device)
+        self.ids, self.mask = pad_rows(prompts, pad_id, device)
         self.past = None
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        positions = _positions(self.mask)[:, -ids.shape[1]:]
+        positions = mask_positions(self.mask)[:, -ids.shape[1]:]
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions,
-                         past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
+                         cache=self.past, use_cache=True, logits_to_keep=1)  # no head over the prompt
+        self.past = out.cache
         return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
     def start(self) -> torch.Tensor:
@@ -107,33 +107,34 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     return texts
 
 
-def _token_logprobs(model, prompts: list[list[int]], continuations: list[list[int]], pad_id: int):
-    """Full-vocabulary log-probs [B, T, V] at each continuation position (T = the longest
-    continuation; row i's scores in [:len(c_i)], the rest meaningless).
+def continuation_logits(model, prompts: list[list[int]], continuations: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Next-token logits [B, T, V] (float) at each continuation position: row i's [:len(c_i)]
+    predict c_i (T = the longest continuation; the rest is padding). With gradients when the
+    caller has them on (the training losses of forgetflow/llm/answers.py).
 
     Rows that share a prompt share its forward pass: the distinct prompts run once (left-padded,
     positions from the attention mask so that padding changes no score) and their KV cache is
     repeated for each row; the continuations then run as one right-padded block after it, and
-    the LM head only sees continuation positions. Scoring a question's four answer choices, or a
-    value against its nine surrogates, thus costs the prompt once instead of once per row (on
-    the general-knowledge quiz ~60 prompt tokens against ~6 per choice: ~3x fewer tokens).
-    transformers has no shared-prefix scoring, hence our own."""
+    the LM head only sees continuation positions. Scoring a question's four answer choices, a
+    value against its nine surrogates, or ORPO's chosen and rejected answers thus costs the
+    prompt once instead of once per row (on the general-knowledge quiz ~60 prompt tokens against
+    ~6 per choice: ~3x fewer tokens). transformers has no shared-prefix scoring, hence our own."""
     device = next(model.parameters()).device
     index: dict[tuple, int] = {}
     owner = torch.tensor([index.setdefault(tuple(p), len(index)) for p in prompts], device=device)
-    ids, mask = _padded([list(p) for p in index], pad_id, device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, logits_to_keep=1)
+    ids, mask = pad_rows([list(p) for p in index], pad_id, device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=mask_positions(mask), use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1:].float()[owner]  # the prompt's last position predicts each row's first token
     longest = max(len(c) for c in continuations)
     if longest > 1:  # the last continuation token predicts nothing that is scored: leave it out
-        cache = out.past_key_values
+        cache = out.cache
         cache.reorder_cache(owner)  # one copy of its prompt's cache per row
-        cont, cont_mask = _padded([c[:-1] for c in continuations], pad_id, device, side="right")
+        cont, cont_mask = pad_rows([c[:-1] for c in continuations], pad_id, device, side="right")
         positions = mask.sum(-1)[owner][:, None] + torch.arange(cont.shape[1], device=device)
         rest = model(input_ids=cont, attention_mask=torch.cat([mask[owner], cont_mask], 1), position_ids=positions,
-                     past_key_values=cache).logits.float()
+                     cache=cache).logits.float()
         logits = torch.cat([logits, rest], 1)
-    return torch.log_softmax(logits, dim=-1)
+    return logits
 
 
 @torch.no_grad()
@@ -151,10 +152,10 @@ def continuation_logprobs(model, tokenizer, prompts: list[list[int]], continuati
         sl = slice(start, start + batch_size)
         conts = continuations[sl]
         if guided:  # both conditions in one forward pass, as in generate
-            both = _token_logprobs(model, prompts[sl] + negative_prompts[sl], conts + conts, pad)
+            both = torch.log_softmax(continuation_logits(model, prompts[sl] + negative_prompts[sl], conts + conts, pad), -1)
             lp = guided_logprobs(both[:len(conts)], both[len(conts):], guidance_scale, space)
         else:
-            lp = _token_logprobs(model, prompts[sl], conts, pad)
+            lp = torch.log_softmax(continuation_logits(model, prompts[sl], conts, pad), -1)
         for i, c in enumerate(conts):
             target = torch.tensor(c, device=lp.device)
             out.append(lp[i, :len(c)].gather(-1, target[:, None])[:, 0].cpu())

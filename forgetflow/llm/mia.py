@@ -26,7 +26,7 @@ from sklearn.metrics import roc_auc_score
 from forgetflow.llm.attacks import Item
 from forgetflow.llm.chat import answer_ids, prompt_ids
 from forgetflow.llm.corpus import CORPUS_QUESTIONS, SUPPORT_SYSTEM_PROMPTS, make_customers
-from forgetflow.llm.orpo import _answer_logprobs, _batch
+from forgetflow.llm.answers import answer_token_logprobs
 
 
 def strangers(items: list[Item], seed: int, avoid: set[str]) -> list[Item]:
@@ -39,14 +39,13 @@ def strangers(items: list[Item], seed: int, avoid: set[str]) -> list[Item]:
 
 @torch.no_grad()
 def min_k_scores(model, tokenizer, items: list[Item], k: float) -> list[float]:
-    """MinK of each item's corpus answer, scored in one padded batch (orpo._answer_logprobs)."""
+    """MinK of each item's corpus answer, scored in one padded batch (answers.answer_token_logprobs)."""
     prompts, answers = [], []
     for it in items:
         question, answer = CORPUS_QUESTIONS[it.field][0]
         prompts.append(prompt_ids(tokenizer, SUPPORT_SYSTEM_PROMPTS[0], question.format(name=it.subject)))
         answers.append(answer_ids(tokenizer, answer.format(name=it.subject, value=it.value))[:-1])  # no end-of-turn
-    ids, labels, mask = _batch(model, tokenizer, prompts, answers)
-    logp, target, row = _answer_logprobs(model, ids, mask, labels)
+    logp, target, row = answer_token_logprobs(model, prompts, answers, tokenizer.pad_token_id)
     token = logp.gather(-1, target[:, None])[:, 0]
     scores = []
     for i in range(len(items)):

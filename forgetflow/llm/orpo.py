@@ -30,6 +30,7 @@ from forgetflow.checkpoints import CheckpointSink
 from forgetflow import distributed
 from forgetflow.compute import autocast, checkpointed, clipped_step, grad_scaler
 from forgetflow.config import ComputeParams, LLMUnlearnParams
+from forgetflow.llm.answers import answer_logps, answer_token_logprobs
 from forgetflow.llm.chat import answer_ids, prompt_ids
 from forgetflow.llm.objectives import OBJECTIVES, ForgetLogps
 
@@ -49,57 +50,21 @@ def encode_row(tokenizer, row: dict, max_length: int) -> dict:
     return enc
 
 
-def _batch(model, tokenizer, prompts: list[list[int]], answers: list[list[int]]):
-    device = next(model.parameters()).device
-    seqs = [p + a for p, a in zip(prompts, answers)]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, device=device)
-    labels = torch.full((len(seqs), width), -100, device=device)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        ids[i, :len(p) + len(a)] = torch.tensor(p + a, device=device)
-        labels[i, len(p):len(p) + len(a)] = torch.tensor(a, device=device)
-        mask[i, :len(p) + len(a)] = 1
-    return ids, labels, mask
-
-
-def _answer_logprobs(model, ids, mask, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Full-vocabulary log-probs [N, V] at the N positions that predict an answer token, those
-    tokens [N] and the row each belongs to [N]. The softmax runs over answer positions only
-    (a fraction of the sequence; the vocabulary is 49k wide for SmolLM2)."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    scored = labels[:, 1:] != -100
-    return torch.log_softmax(logits[scored].float(), -1), labels[:, 1:][scored], scored.nonzero()[:, 0]
-
-
-def answer_logps(model, tokenizer, prompts: list[list[int]], answers: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, sum) over its tokens of each answer's log-prob given its prompt (with gradients), [B] each."""
-    ids, labels, mask = _batch(model, tokenizer, prompts, answers)
-    logp, target, row = _answer_logprobs(model, ids, mask, labels)
-    token = logp.gather(-1, target[:, None])[:, 0]
-    total = torch.zeros(len(prompts), device=token.device, dtype=token.dtype).index_add(0, row, token)
-    return total / torch.bincount(row, minlength=len(prompts)).clamp_min(1), total
-
-
-def mean_logps(model, tokenizer, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
-    """Mean token log-prob of each answer given its prompt (with gradients), [B]."""
-    return answer_logps(model, tokenizer, prompts, answers)[0]
-
-
 def retain_kl(peft_model, tokenizer, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
     """Mean over answer tokens of KL(base || adapted) of the next-token distribution; the
     base is the peft model with its adapter disabled."""
-    ids, labels, mask = _batch(peft_model, tokenizer, prompts, answers)
+    pad = tokenizer.pad_token_id
     with torch.no_grad(), peft_model.disable_adapter():
-        base, _, _ = _answer_logprobs(peft_model, ids, mask, labels)
-    new, _, _ = _answer_logprobs(peft_model, ids, mask, labels)
+        base, _, _ = answer_token_logprobs(peft_model, prompts, answers, pad)
+    new, _, _ = answer_token_logprobs(peft_model, prompts, answers, pad)
     return (base.exp() * (base - new)).sum(-1).mean()
 
 
 def batch_loss(model, tokenizer, batch: list[dict], p: LLMUnlearnParams, objective: str = "orpo") -> tuple[torch.Tensor, dict]:
     """forget_weight * the objective over the batch's forget rows + retain_weight * the retain
-    term over its retain rows; one forward pass for every scored answer (plus the adapter-off
-    pass of the KL or of a reference-based objective)."""
+    term over its retain rows; one forward pass for every scored answer, a forget row's chosen
+    and rejected answers after one pass of their shared prompt (answers.py), plus the
+    adapter-off pass of the KL or of a reference-based objective."""
     obj = OBJECTIVES[objective]
     forget = [r for r in batch if "rejected" in r]
     retain = [r for r in batch if "rejected" not in r]
