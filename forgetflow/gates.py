@@ -31,3 +31,8 @@ class Gate:
 
 def all_passed(gates: list[Gate]) -> bool:
     return bool(gates) and all(g.passed for g in gates)
+
+
+def records_passed(records: list[dict]) -> bool:
+    """all_passed of gates as they travel between stages and into reports (Gate.to_dict)."""
+    return bool(records) and all(r["passed"] for r in records)

@@ -12,6 +12,7 @@ from prefect.flow_runs import pause_flow_run
 from prefect.settings import PREFECT_API_URL
 
 from forgetflow.config import OrchestrationParams
+from forgetflow.gates import records_passed
 from forgetflow.runs import RunContext
 from tasks.common import StageEnv, timed
 
@@ -35,7 +36,7 @@ def check_approval_possible(settings: OrchestrationParams) -> None:
 def await_approval(ctx: RunContext, gates: list[dict]) -> None:
     env = StageEnv(ctx)
     settings = env.params.orchestration
-    if settings.promotion_approval != "manual" or not (gates and all(g["passed"] for g in gates)):
+    if settings.promotion_approval != "manual" or not records_passed(gates):
         return
     for request_id in ctx.request_ids:
         env.ledger.update(request_id, "awaiting-approval")

@@ -14,6 +14,7 @@ from prefect import get_run_logger, task
 
 from forgetflow.certificate import (certificate_body, sha256_file, sign, signing_key, tree_hash, weight_hashes,
                                     write_certificate)
+from forgetflow.gates import records_passed
 from forgetflow.plots import plot_metric_bars
 from forgetflow.registry import promote_champion
 from forgetflow.report import build_report, code_revisions, pipeline_overhead, write_report
@@ -50,7 +51,7 @@ def _next_eval_kit(env: StageEnv, ctx: RunContext) -> str:
 def promote(ctx: RunContext, guidance_scale: float, metrics: dict, gates: list[dict]) -> dict:
     env = StageEnv(ctx)
     with timed(ctx, "promote"):
-        passed = bool(gates) and all(g["passed"] for g in gates)
+        passed = records_passed(gates)
         run_info = env.run.client.get_run(ctx.mlflow_run_id)
         uris = {
             "checkpoint": run_info.data.tags.get("forgetflow.checkpoint_uri"),
