@@ -382,6 +382,7 @@ class LLMCalibrateParams(_Section):
         return self
     utility_items: int = 40  # first N general-knowledge items; evaluation uses the rest
     retain_subjects: int = 10
+    utility_noise_se: float = Field(1.0, ge=0.0)  # calibration's utility gate allows this many paired standard errors
 
 
 class LLMEvaluateParams(_Section):

@@ -414,3 +414,27 @@ def test_guidance_scales_out_of_range_are_refused(tiny_lm):
     p = load_params(preset="tiny")
     with pytest.raises(ValueError):
         type(p.llm.calibrate)(guidance_scales=(1.0, 0.0))
+
+
+def test_calibration_tells_a_quiz_items_noise_from_a_utility_loss():
+    """On the 40-item calibration quiz one item is 2.5 points, above the 2-point gate: the
+    choice of gamma discounts one paired standard error, so losing one or two items is noise
+    and losing four (10 points) is a loss."""
+    from forgetflow.llm.calibrate import choose, paired_drop
+
+    gates = load_params().llm.gates
+    base = {"utility_correct": [True] * 10 + [False] * 30, "perplexity": 100.0, "retained_recall": 1.0}
+
+    def curve(lost_at_1_5: int) -> list[dict]:
+        def row(gamma: float, lost: int, leak: float = 0.0) -> dict:
+            correct = [i >= lost for i in range(10)] + [False] * 30
+            return {"guidance_scale": gamma, "served_leak_rate": leak, "utility_correct": correct,
+                    "perplexity": 100.0, "retained_recall": 1.0}
+        return [row(1.0, 0, leak=0.25), row(1.5, lost_at_1_5), row(3.0, 0)]
+
+    assert paired_drop(base["utility_correct"], curve(2)[1]["utility_correct"]) == (0.05, math.sqrt(2) / 40)
+    assert choose(curve(1), base, gates, 1.0)["guidance_scale"] == 1.5
+    assert choose(curve(2), base, gates, 1.0)["guidance_scale"] == 1.5
+    assert choose(curve(1), base, gates, 0.0)["guidance_scale"] == 3.0  # without the allowance one item decides
+    assert choose(curve(4), base, gates, 1.0)["guidance_scale"] == 3.0
+

@@ -12,14 +12,28 @@ Calibration sweeps gamma x space (log, prob) on the calibration split (other wor
 retained subjects and other utility items than evaluation) and takes the smallest gamma whose
 served leak, utility drop, perplexity ratio and retained-recall drop all meet their gates (log space first at
 equal gamma); else the setting with the largest worst-gate margin.
+
+The calibration quiz is small (40 items: one item is 2.5 points, more than the 2-point utility
+gate), so there the utility drop is judged net of its noise: the paired difference on the same
+items, less `utility_noise_se` standard errors,
+
+    drop = acc_base - acc_gamma,   se = sqrt(lost + gained) / n,   gate on  drop - k * se
+
+(lost / gained: items right for the base and wrong under gamma, and the reverse). A gamma that
+loses one or two items is not told apart from one that loses none; the evaluation's 200
+held-out items then apply the gate itself. Without this, one item decided gamma: a demo run
+picked gamma 3 over 1-2 on a difference of a few quiz items, and gamma 3 let a value out under a paraphrase
+that the unguided weights kept in.
 """
 from __future__ import annotations
+
+import math
 
 from forgetflow.config import LLMGateParams, LLMParams
 from forgetflow.gates import Gate, all_passed
 from forgetflow.llm.attacks import Item, direct_probes, prefix_probes
 from forgetflow.llm.evaluate import (Policy, leaks, perplexity, rate_by_item, retained_recall, served_policy,
-                                     utility_accuracy)
+                                     utility_correct)
 
 
 def llm_gates(base: dict, new: dict, g: LLMGateParams) -> list[Gate]:
@@ -39,17 +53,28 @@ def calibration_point(model, tokenizer, forget: list[Item], retained: list[Item]
                       prose: str, policy: Policy, p: LLMParams) -> dict:
     probes = direct_probes(forget, "calibrate") + prefix_probes(forget, "calibrate")
     leak, _ = rate_by_item(forget, probes, leaks(model, tokenizer, probes, policy, p, "calibrate"))
+    correct = utility_correct(model, tokenizer, questions, policy, p)
     return {"served_leak_rate": leak,
             "retained_recall": retained_recall(model, tokenizer, retained, policy, p, "calibrate"),
-            "utility_accuracy": utility_accuracy(model, tokenizer, questions, policy, p),
+            "utility_accuracy": sum(correct) / len(correct), "utility_correct": correct,
             "perplexity": perplexity(model, tokenizer, prose, policy, p)}
 
 
-def choose(rows: list[dict], base: dict, g: LLMGateParams) -> dict:
+def paired_drop(base_correct: list[bool], correct: list[bool]) -> tuple[float, float]:
+    """(accuracy drop, its paired standard error) from the base's to `correct`, on the same items."""
+    lost = sum(b and not c for b, c in zip(base_correct, correct))
+    gained = sum(c and not b for b, c in zip(base_correct, correct))
+    n = len(correct)
+    return (lost - gained) / n, math.sqrt(lost + gained) / n
+
+
+def choose(rows: list[dict], base: dict, g: LLMGateParams, noise_se: float) -> dict:
+    """The first row (smallest gamma) passing every gate, the utility drop net of `noise_se`
+    paired standard errors; else the row with the largest worst-gate margin."""
     def gates(row: dict) -> list[Gate]:
+        drop, se = paired_drop(base["utility_correct"], row["utility_correct"])
         out = [Gate("served_leak_rate", row["served_leak_rate"], g.leak_rate_max, "max"),
-               Gate("utility_accuracy_drop", base["utility_accuracy"] - row["utility_accuracy"],
-                    g.utility_accuracy_drop_max, "max"),
+               Gate("utility_accuracy_drop_net_of_noise", drop - noise_se * se, g.utility_accuracy_drop_max, "max"),
                Gate("perplexity_ratio", row["perplexity"] / base["perplexity"], g.perplexity_ratio_max, "max")]
         if base.get("retained_recall") is not None and row.get("retained_recall") is not None:
             out.append(Gate("retained_recall_drop", base["retained_recall"] - row["retained_recall"],
@@ -72,4 +97,7 @@ def calibrate_guidance(model, tokenizer, card, base_point: dict, forget: list[It
             point = calibration_point(model, tokenizer, forget, retained, questions, prose,
                                       served_policy(card, gamma, space), p)
             rows.append({"guidance_scale": gamma, "guidance_space": space, **point})
-    return choose(rows, base_point, p.gates), rows
+    chosen = choose(rows, base_point, p.gates, p.calibrate.utility_noise_se)
+    for row in rows:  # the curve keeps the rates, not every item's answer
+        row.pop("utility_correct")
+    return chosen, rows

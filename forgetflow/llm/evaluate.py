@@ -178,6 +178,11 @@ def retained_recall(model, tokenizer, items: list[Item], policy: Policy, p: LLMP
 
 
 def utility_accuracy(model, tokenizer, questions: list[dict], policy: Policy, p: LLMParams) -> float:
+    return sum(utility_correct(model, tokenizer, questions, policy, p)) / len(questions)
+
+
+def utility_correct(model, tokenizer, questions: list[dict], policy: Policy, p: LLMParams) -> list[bool]:
+    """Per question: is the choice with the highest mean token log-likelihood the right one."""
     users, conts, owner = [], [], []
     for n, q in enumerate(questions):
         for choice in q["choices"]:
@@ -185,11 +190,11 @@ def utility_accuracy(model, tokenizer, questions: list[dict], policy: Policy, p:
             conts.append(answer_ids(tokenizer, choice)[:-1])  # the choice text, no end-of-turn
             owner.append(n)
     scores = [float(s.mean()) for s in _scores(model, tokenizer, users, conts, policy, p)]
-    correct = 0
+    correct = []
     for n, q in enumerate(questions):
         mine = [s for s, o in zip(scores, owner) if o == n]
-        correct += int(max(range(len(mine)), key=mine.__getitem__) == q["answer"])
-    return correct / len(questions)
+        correct.append(max(range(len(mine)), key=mine.__getitem__) == q["answer"])
+    return correct
 
 
 PROSE_REQUEST = "Write a paragraph of plain English prose."
