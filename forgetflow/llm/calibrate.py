@@ -82,8 +82,9 @@ def choose(rows: list[dict], base: dict, g: LLMGateParams, noise_se: float) -> d
         return out
 
     for row in rows:
-        row["passed"] = all_passed(gates(row))
-        row["worst_margin"] = min(x.margin for x in gates(row))
+        checked = gates(row)
+        row["passed"] = all_passed(checked)
+        row["worst_margin"] = min(x.margin for x in checked)
     passing = [r for r in rows if r["passed"]]
     return passing[0] if passing else max(rows, key=lambda r: r["worst_margin"])
 
