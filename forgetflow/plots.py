@@ -11,7 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def plot_guidance_curve(curve: list[dict], chosen: float, out: Path) -> Path:
     """Every numeric column of the calibration sweep against the guidance scale, one line
-    per guidance space where the sweep has several (LLM: log and prob)."""
+    per guidance space where the sweep has several (LLM: log and prob); a scale whose row
+    failed a gate (`passed` False) is drawn as a red x, so the chosen scale reads as the
+    smallest circle."""
     skip = {"guidance_scale", "passed", "worst_margin"}
     keys = [k for k, v in curve[0].items() if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)]
     spaces = sorted({row.get("guidance_space", "") for row in curve})
@@ -21,14 +23,21 @@ def plot_guidance_curve(curve: list[dict], chosen: float, out: Path) -> Path:
             rows = [r for r in curve if r.get("guidance_space", "") in (space, curve[0].get("guidance_space", ""))
                     and (r.get("guidance_space", "") == space or r["guidance_scale"] == 1.0)]
             rows = sorted({r["guidance_scale"]: r for r in rows}.values(), key=lambda r: r["guidance_scale"])
-            ax.plot([r["guidance_scale"] for r in rows], [r[key] if r[key] is not None else float("nan") for r in rows],
-                    "o-", label=space or None)
+            xs = [r["guidance_scale"] for r in rows]
+            ys = [r[key] if r[key] is not None else float("nan") for r in rows]
+            line, = ax.plot(xs, ys, "-", label=space or None)
+            failed = [r.get("passed") is False for r in rows]
+            ax.scatter([x for x, f in zip(xs, failed) if not f], [y for y, f in zip(ys, failed) if not f],
+                       marker="o", color=line.get_color(), zorder=3)
+            ax.scatter([x for x, f in zip(xs, failed) if f], [y for y, f in zip(ys, failed) if f],
+                       marker="x", color="tab:red", zorder=3)
         ax.axvline(chosen, color="tab:green", ls="--", lw=1)
         ax.set_title(key.replace("_", " "), fontsize=9)
         ax.set_xlabel("guidance scale")
         if len(spaces) > 1:
             ax.legend(fontsize=7, title="space", title_fontsize=7)
-    fig.suptitle(f"guidance calibration (chosen {chosen:g}, green)", fontsize=10)
+    fig.suptitle(f"guidance calibration: chosen {chosen:g} (green line); o every gate passes, red x a gate fails",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

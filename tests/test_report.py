@@ -12,7 +12,7 @@ def test_report_files_and_page(tmp_path):
     metrics = {"base": {"unlearning_accuracy": 0.01, "remaining_fd": 30.0},
                "new": {"unlearning_accuracy": 1.0, "remaining_fd": 31.0}}
     gates = [Gate("unlearning_accuracy", 1.0, 0.98, "min").to_dict(), Gate("remaining_fd_ratio", 1.4, 1.25, "max").to_dict()]
-    curve = [{"guidance_scale": 1.0, "unlearning_accuracy": 0.99, "passed": True},
+    curve = [{"guidance_scale": 1.0, "unlearning_accuracy": 0.95, "passed": False},
              {"guidance_scale": 1.5, "unlearning_accuracy": 1.0, "passed": True}]
     figs = [plot_guidance_curve(curve, 1.0, tmp_path / "guidance_curve.png"),
             plot_metric_bars(metrics, ["unlearning_accuracy", "remaining_fd"], tmp_path / "metric_bars.png")]
