@@ -202,8 +202,9 @@ def diffusion_trials(params: Params, work: Path, methods: list[str], seeds: int,
 
 # ---- LLM -----------------------------------------------------------------------------------
 LLM_ATTACKS = ["direct", "paraphrase", "prefix", "raw_weights", "adversarial_system_prompt"]
-LLM_KEYS = ["leak_rate", *[f"leak_{a}" for a in LLM_ATTACKS], "retained_recall_drop", "utility_accuracy_drop",
-            "perplexity_ratio", "mia_auc", "forget_quality", "tokens_per_s_guided", "tokens_per_s_unguided"]
+LLM_KEYS = ["guidance_scale", "leak_rate", *[f"leak_{a}" for a in LLM_ATTACKS], "retained_recall_drop",
+            "utility_accuracy_drop", "perplexity_ratio", "mia_auc", "forget_quality", "tokens_per_s_guided",
+            "tokens_per_s_unguided"]
 
 
 def llm_trials(params: Params, work: Path, methods: list[str], seeds: int, *, model_dir: Path | None,
@@ -361,6 +362,26 @@ def run_bench(family: str, params: Params, out_root: Path, *, seeds: int = 3, me
     return out
 
 
+# The trade-off axes of each family, with the better direction: -1 lower is better, +1 higher.
+TRADEOFF = {"diffusion": {"unlearning_accuracy": 1, "remaining_accuracy_drop": -1, "remaining_fd_ratio": -1},
+            "llm": {"leak_rate": -1, "retained_recall_drop": -1, "utility_accuracy_drop": -1, "perplexity_ratio": -1}}
+
+
+def dominated_by(summary: dict, family: str) -> dict[str, list[str]]:
+    """method -> the methods that dominate it on the family's TRADEOFF axes (means over seeds):
+    at least as good on every axis and better on one. [] marks a point on the Pareto front."""
+    axes = TRADEOFF[family]
+
+    def point(row: dict) -> list[float] | None:
+        if any(not row.get(k) for k in axes):
+            return None
+        return [sign * row[k]["mean"] for k, sign in axes.items()]  # higher is better on every axis
+
+    points = {m: p for m, row in summary.items() if (p := point(row)) is not None}
+    return {m: [o for o, q in points.items() if o != m and all(b >= a for a, b in zip(p, q)) and q != p]
+            for m, p in points.items()}
+
+
 def _cell(stat: dict | None, digits: int = 3) -> str:
     if not stat:
         return "n/a"
@@ -374,19 +395,25 @@ def _cell(stat: dict | None, digits: int = 3) -> str:
 
 
 def markdown_table(result: dict, keys: list[str]) -> str:
-    cols = ["method", "gates passed", "unlearn s", "request s", "requests/h", "peak MB", *keys]
+    cols = ["method", "gates passed", "dominated by", "unlearn s", "request s", "requests/h", "peak MB", *keys]
+    dominance = dominated_by(result["summary"], result["family"])
+    base_mia = [b for t in result["trials"] if (b := t["metrics"].get("base", {}).get("mia_auc")) is not None]
     lines = [f"# forgetflow bench: {result['family']}, {result['seeds']} seed(s), {result['device']}, {result['created']}",
              "", "mean ± sd over seeds [bootstrap 95% interval over items, for rates]; requests/h = 3600 / request s"
              + (f"; building the demo base took {setup['base']:.0f} s" if (setup := result["setup_s"])["base"] else "")
              + (f"; {', '.join(FROM_SERVING)} start(s) from the one-step version distilled once at registration "
-                f"({setup['serving']:.0f} s, plain SiD)" if setup.get("serving") else ""), "",
+                f"({setup['serving']:.0f} s, plain SiD)" if setup.get("serving") else "")
+             + f"; dominated by: the methods at least as good on every one of {', '.join(TRADEOFF[result['family']])}"
+               " and better on one (- : on the Pareto front)"
+             + (f"; the base's mia_auc {np.mean(base_mia):.3f}" if base_mia else ""), "",
              *([f"made by `{result['command']}`", ""] if result.get("command") else []),
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for method, row in result["summary"].items():
         note = result["real_data"].get(method)
         name = f"{method} (real data: {note})" if note else method
         per_hour = f"{3600 / row['request_s']['mean']:.0f}" if row.get("request_s") else "n/a"
-        cells = [name, f"{row['passed']}/{row['seeds']}", _cell(row["unlearn_s"], 1), _cell(row["request_s"], 1), per_hour,
+        cells = [name, f"{row['passed']}/{row['seeds']}", ", ".join(dominance.get(method, ["n/a"])) or "-",
+                 _cell(row["unlearn_s"], 1), _cell(row["request_s"], 1), per_hour,
                  _cell(row["peak_memory_mb"], 0),
                  *[_cell(row[k], 1 if k.startswith(("tokens", "seconds", "nfe")) else 3) for k in keys]]
         lines.append("| " + " | ".join(cells) + " |")
@@ -401,13 +428,20 @@ def plot_bench(result: dict, out: Path) -> None:
               else ("retained_recall_drop", "leak_rate"))
     fig = Figure(figsize=(6, 4.5), dpi=120)
     ax = fig.subplots()
+    dominance = dominated_by(result["summary"], result["family"])
+    labels: dict[tuple[float, float], list[str]] = {}  # methods at the same point share one label
     for method, row in result["summary"].items():
         if row.get(fx) and row.get(fy):
-            ax.errorbar(row[fx]["mean"], row[fy]["mean"], xerr=row[fx]["sd"], yerr=row[fy]["sd"], fmt="o", capsize=3)
-            ax.annotate(method, (row[fx]["mean"], row[fy]["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            front = dominance.get(method) == []
+            ax.errorbar(row[fx]["mean"], row[fy]["mean"], xerr=row[fx]["sd"], yerr=row[fy]["sd"], fmt="o", capsize=3,
+                        color="tab:green" if front else "tab:gray")
+            labels.setdefault((row[fx]["mean"], row[fy]["mean"]), []).append(method)
+    for xy, methods in labels.items():
+        ax.annotate(" = ".join(methods), xy, textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel(f"{fx} (lower is better)")
     ax.set_ylabel(f"{fy} ({'higher' if fy == 'unlearning_accuracy' else 'lower'} is better)")
-    ax.set_title(f"forgetting vs utility: {result['family']}")
+    ax.set_title(f"forgetting vs utility: {result['family']} (green: no method dominates it on "
+                 f"{len(TRADEOFF[result['family']])} axes)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "tradeoff.png")
     fig = Figure(figsize=(6, 3.5), dpi=120)
