@@ -10,9 +10,10 @@ generated tokens per second with and without guidance) and, for LLMs, the Min-K%
 membership-inference AUC of the forgotten subjects against never-seen people
 (forgetflow/llm/mia.py; 0.5 is the goal) and the forget quality against a model trained
 without them (a KS-test p-value; only for the demo model, whose corpus the bench has).
-Per method: mean and standard deviation over the seeds, and for rates over few items a
-bootstrap 95% interval: resampling n items with replacement from k hits is drawing
-Binomial(n, k/n), so the interval is that distribution's 2.5 / 97.5 percentiles divided by n.
+Per method: mean and standard deviation over the seeds, for rates over few items a
+bootstrap 95% interval (resampling n items with replacement from k hits is drawing
+Binomial(n, k/n), so the interval is that distribution's 2.5 / 97.5 percentiles divided by n),
+and the methods that dominate it on the family's trade-off axes (TRADEOFF).
 
 Writes <out>/<UTC timestamp>-<family>/{results.json, results.md, tradeoff.png, seconds.png};
 given a tracking URI, one MLflow parent run with a child run per method and seed.
