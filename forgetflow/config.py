@@ -133,6 +133,11 @@ class SFDPromptParams(_Section):
     alpha: float = 1.2
     teacher_guidance_scale: float = 1.25
     fake_guidance_scale: float = 1.0
+    one_step_lambda_f: float = 0.35  # lambda_f from a one-step base (replaces from_one_step's for prompts)
+
+    def recipe(self) -> dict:
+        """The settings that replace `sfd`'s for a text-to-image model from a multi-step base."""
+        return self.model_dump(exclude={"one_step_lambda_f"})
 
 
 class SFDParams(_Section):
@@ -167,9 +172,13 @@ class SFDParams(_Section):
 
     def for_base(self, kind: str, conditioning: str = "class") -> "SFDParams":
         """The recipe for a base of this kind: `prompt` over the rest for a text-to-image model,
-        then `from_one_step` over that for a one-step base."""
-        recipe = self.model_copy(update=self.prompt.model_dump()) if conditioning == "prompt" else self
-        return recipe.model_copy(update=self.from_one_step.model_dump()) if kind == "one-step" else recipe
+        then `from_one_step` over that for a one-step base (with the prompt's own lambda_f)."""
+        prompt = conditioning == "prompt"
+        recipe = self.model_copy(update=self.prompt.recipe()) if prompt else self
+        if kind != "one-step":
+            return recipe
+        one_step = self.from_one_step.model_dump() | ({"lambda_f": self.prompt.one_step_lambda_f} if prompt else {})
+        return recipe.model_copy(update=one_step)
 
 
 class DistillParams(_Section):

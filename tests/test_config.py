@@ -24,3 +24,18 @@ def test_bad_values_name_the_field(tmp_path):
         load_params(bad)
     with pytest.raises(ParamsError, match="unknown preset"):
         load_params(preset="huge")
+
+
+def test_sfd_recipe_per_base_kind_and_conditioning():
+    """Class models from a one-step base take from_one_step's lambda_f, prompt models their
+    own (measured apart, params.yaml); a multi-step prompt base takes the prompt recipe."""
+    sfd = load_params().diffusion.sfd
+    assert sfd.for_base("ddpm").lambda_f == sfd.lambda_f
+    assert sfd.for_base("one-step").lambda_f == sfd.from_one_step.lambda_f
+    assert sfd.for_base("ddpm", "prompt").lambda_f == sfd.prompt.lambda_f
+    one_step_prompt = sfd.for_base("one-step", "prompt")
+    assert one_step_prompt.lambda_f == sfd.prompt.one_step_lambda_f != sfd.from_one_step.lambda_f
+    assert one_step_prompt.iterations == sfd.from_one_step.iterations
+    assert one_step_prompt.teacher_guidance_scale == sfd.prompt.teacher_guidance_scale
+    sd = load_params(preset="stable-diffusion").diffusion.sfd.for_base("one-step", "prompt")
+    assert sd.lambda_f == 1.0 and sd.teacher_guidance_scale == 4.5  # the paper's
