@@ -350,7 +350,6 @@ class LLMSynthesizeParams(_Section):
     probe_max_new_tokens: int = 48
     batch_size: int = 32
     seed: int = 0
-    stranger_seed: int = 2  # Faker seed of the stranger term's anchors (apart from evaluate.mia_seed)
 
 
 class LLMUnlearnParams(_Section):
@@ -371,7 +370,6 @@ class LLMUnlearnParams(_Section):
     simnpo_delta: float = 0.0  # SimNPO's margin
     retain_loss: Literal["kl", "nll"] = "kl"
     retain_weight: float = 1.0  # open-unlearning's alpha
-    stranger_weight: float = Field(0.0, ge=0.0)  # KL to the base's predictions for a never-seen person (orpo.py)
     grad_clip: float = 1.0
     max_length: int = 192
     checkpoint_every: int = Field(50, ge=1)

@@ -18,9 +18,9 @@ from forgetflow.llm.methods import LLM_METHODS
 from forgetflow.llm.mia import forget_quality, mia_auc, min_k_scores, strangers
 from forgetflow.llm.objectives import OBJECTIVES, ForgetLogps, log1m_exp
 from forgetflow.llm.answers import mean_logps
-from forgetflow.llm.orpo import base_kl, encode_row, train_adapter
+from forgetflow.llm.orpo import encode_row, retain_kl, train_adapter
 from forgetflow.llm.pii import leaked, recognise, subject_hash
-from forgetflow.llm.synthesize import WITHHELD, build_rows, split_roster, stranger_names
+from forgetflow.llm.synthesize import WITHHELD, build_rows, split_roster
 from forgetflow.request import RequestError, parse_request
 
 
@@ -256,12 +256,12 @@ def test_retain_kl_is_zero_for_a_fresh_adapter_and_positive_once_it_moves(tiny_l
     model, tok = tiny_lm
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     prompts, answers = [tok("What is the phone number of Ada Byron?")["input_ids"]], [tok(" 212-555-0147.")["input_ids"]]
-    assert base_kl(peft_model, tok, prompts, answers).abs().item() < 1e-6  # LoRA's B starts at zero
+    assert retain_kl(peft_model, tok, prompts, answers).abs().item() < 1e-6  # LoRA's B starts at zero
     with torch.no_grad():
         for name, q in peft_model.named_parameters():
             if "lora_B" in name:
                 q.normal_(0, 0.5)
-    assert base_kl(peft_model, tok, prompts, answers).item() > 1e-3
+    assert retain_kl(peft_model, tok, prompts, answers).item() > 1e-3
     peft_model.unload()
 
 
@@ -348,31 +348,6 @@ def test_conditions_per_row_keeps_the_positive_condition_and_cycles_the_others()
         systems = [r["system"] for r in rows if r["user"] == f"Question {i} about Ada Byron?"]
         assert len(systems) == 2 and c.positive in systems
     assert {r["system"] for r in rows} == {c.positive, c.negative, *c.neutral, *c.adversarial}
-
-
-def test_forget_rows_carry_the_same_prompt_about_a_stranger_for_the_stranger_term():
-    p = _synth(load_params(preset="tiny").llm, negative_pairs="swapped", train_conditions="positive")
-    strangers = stranger_names(["Ada Byron"], avoid={"Bo Li"}, seed=p.synthesize.stranger_seed)
-    assert strangers["Ada Byron"] not in {"Ada Byron", "Bo Li"}
-    rows = build_rows([Item("Ada Byron", "phone", "212-555-0147")], _probe_rows(), [], p, seed=0, strangers=strangers)
-    by_system = {r["system"]: r for r in rows}
-    anchored = by_system[p.conditions.positive]
-    assert anchored["stranger"]["user"] == f"What is the phone number of {strangers['Ada Byron']}?"
-    assert anchored["stranger"]["prefix"] == f"The phone number of {strangers['Ada Byron']} is"
-    assert "stranger" not in by_system[p.conditions.negative]  # swapped: its rejected side is the replacement
-
-
-def test_the_stranger_kl_reads_the_strangers_prompt_under_the_base(tiny_lm):
-    from peft import LoraConfig, get_peft_model
-
-    model, tok = tiny_lm
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
-    prompts = [tok("What is the phone number of Ada Byron?")["input_ids"]]
-    strangers = [tok("What is the phone number of Zed Quorra?")["input_ids"]]
-    answers = [tok(" 212-555-0147.")["input_ids"]]
-    assert base_kl(peft_model, tok, prompts, answers, base_prompts=prompts).abs().item() < 1e-6
-    assert base_kl(peft_model, tok, prompts, answers, base_prompts=strangers).item() > 1e-4  # another target
-    peft_model.unload()
 
 
 def test_the_papers_recipe_swaps_the_negative_condition():

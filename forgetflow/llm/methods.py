@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from forgetflow.config import LLMParams
 
 PEER_RETAIN = {"retain_loss": "nll", "retain_weight": 1.0}  # open-unlearning's GradDiff / NPO / SimNPO
-NO_STRANGER = {"stranger_weight": 0.0}  # the peers as published: no term toward a stranger's predictions
 
 
 @dataclass(frozen=True)
@@ -50,15 +49,13 @@ class LLMMethod:
 
 LLM_METHODS: dict[str, LLMMethod] = {m.name: m for m in (
     LLMMethod("cfg-orpo", "forget", "all", retain_rows=True, guidance=True),
-    LLMMethod("cfg-orpo-paper", "swapped", "positive", retain_rows=False, guidance=True, unlearn=NO_STRANGER),
+    LLMMethod("cfg-orpo-paper", "swapped", "positive", retain_rows=False, guidance=True),
     LLMMethod("orpo", "forget", "all", retain_rows=True, guidance=False),
-    LLMMethod("grad-ascent", "forget", "all", retain_rows=False, guidance=False, objective="grad_ascent",
-              unlearn=NO_STRANGER),
+    LLMMethod("grad-ascent", "forget", "all", retain_rows=False, guidance=False, objective="grad_ascent"),
     LLMMethod("grad-diff", "forget", "all", retain_rows=True, guidance=False, objective="grad_ascent",
-              unlearn={**PEER_RETAIN, **NO_STRANGER}),
-    LLMMethod("npo", "forget", "all", retain_rows=True, guidance=False, objective="npo",
-              unlearn={**PEER_RETAIN, **NO_STRANGER}),
+              unlearn=PEER_RETAIN),
+    LLMMethod("npo", "forget", "all", retain_rows=True, guidance=False, objective="npo", unlearn=PEER_RETAIN),
     LLMMethod("simnpo", "forget", "all", retain_rows=True, guidance=False, objective="simnpo",
-              unlearn={**PEER_RETAIN, **NO_STRANGER, "forget_weight": 0.125}),
+              unlearn={**PEER_RETAIN, "forget_weight": 0.125}),
     LLMMethod("control-phrase", "forget", "all", retain_rows=False, guidance=False, unlearn={"epochs": 0}),
 )}

@@ -1,21 +1,10 @@
 """The unlearning trainer of the LLM family: a forget objective on a LoRA adapter.
 
-    L = forget_weight * objective(forget rows) + stranger_weight * stranger(forget rows)
-        + retain_weight * retain(retain rows)
+    L = forget_weight * objective(forget rows) + retain_weight * retain(retain rows)
 
 The objective is the method's (forgetflow/llm/objectives.py: ORPO for ours, GradAscent, NPO,
-SimNPO for the peers). The stranger term, over forget rows whose leaking continuation y_r
-follows the model's own prefix, is
-
-    KL( base(. | x', y_r<t) || adapted(. | x, y_r<t) )   averaged over y_r's tokens,
-
-x' = the same prompt with the subject's name replaced by a person nobody trained on: the
-adapted model should predict a forgotten person's value as the base predicts a stranger's
-(the generic-prediction target of "Who's Harry Potter", Eldan & Russinovich 2023, with the
-name as the anchor). This is what a membership-inference test compares, and what ORPO alone
-does not reach: it lowers the true value only relative to the replacement.
-
-The retain term, over rows with no rejected side, is NLL(answer) (`retain_loss: nll`) or the token-level KL(base || adapted) over the answer (`retain_loss:
+SimNPO for the peers). The retain term, over rows with no rejected side, is NLL(answer)
+(`retain_loss: nll`) or the token-level KL(base || adapted) over the answer (`retain_loss:
 kl`): the base is the same network with the adapter switched off, so the KL costs one extra
 forward pass and no second model. KL constrains the whole next-token distribution on other
 subjects' answers, not only its argmax; measured on the tiny model it keeps kept customers'
@@ -53,9 +42,6 @@ def encode_row(tokenizer, row: dict, max_length: int) -> dict:
     if row.get("prefix"):
         prompt = prompt + tokenizer(row["prefix"], add_special_tokens=False)["input_ids"]
     enc = {"prompt": prompt, "chosen": answer_ids(tokenizer, row["chosen"])}
-    if row.get("stranger"):
-        enc["stranger_prompt"] = prompt_ids(tokenizer, row["system"], row["stranger"]["user"]) + \
-            tokenizer(row["stranger"]["prefix"], add_special_tokens=False)["input_ids"]
     if row.get("rejected") is not None:
         enc["rejected"] = answer_ids(tokenizer, row["rejected"])
     for k in ("chosen", "rejected"):
@@ -64,14 +50,12 @@ def encode_row(tokenizer, row: dict, max_length: int) -> dict:
     return enc
 
 
-def base_kl(peft_model, tokenizer, prompts: list[list[int]], answers: list[list[int]],
-            base_prompts: list[list[int]] | None = None) -> torch.Tensor:
-    """Mean over answer tokens of KL(base || adapted) of the next-token distribution, the base
-    (the peft model with its adapter disabled) reading `base_prompts` (default: `prompts`)
-    before the same answers: the retain term, and with strangers' prompts the stranger term."""
+def retain_kl(peft_model, tokenizer, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
+    """Mean over answer tokens of KL(base || adapted) of the next-token distribution; the
+    base is the peft model with its adapter disabled."""
     pad = tokenizer.pad_token_id
     with torch.no_grad(), peft_model.disable_adapter():
-        base, _, _ = answer_token_logprobs(peft_model, base_prompts or prompts, answers, pad)
+        base, _, _ = answer_token_logprobs(peft_model, prompts, answers, pad)
     new, _, _ = answer_token_logprobs(peft_model, prompts, answers, pad)
     return (base.exp() * (base - new)).sum(-1).mean()
 
@@ -99,16 +83,11 @@ def batch_loss(model, tokenizer, batch: list[dict], p: LLMUnlearnParams, objecti
                                                    [r["rejected"] for r in forget])[1]
         loss_f, stats = obj.loss(lp, p)
         terms.append(p.forget_weight * loss_f)
-        if p.stranger_weight and (anchored := [r for r in forget if "stranger_prompt" in r]):
-            loss_s = base_kl(model, tokenizer, [r["prompt"] for r in anchored], [r["rejected"] for r in anchored],
-                             base_prompts=[r["stranger_prompt"] for r in anchored])
-            terms.append(p.stranger_weight * loss_s)
-            stats["stranger_kl"] = loss_s.item()
     if retain:
         if p.retain_loss == "nll":
             loss_r = -means[n + k:].mean()
         else:
-            loss_r = base_kl(model, tokenizer, [r["prompt"] for r in retain], [r["chosen"] for r in retain])
+            loss_r = retain_kl(model, tokenizer, [r["prompt"] for r in retain], [r["chosen"] for r in retain])
         terms.append(p.retain_weight * loss_r)
         stats[f"retain_{p.retain_loss}"] = loss_r.item()
     loss = torch.stack(terms).sum()

@@ -138,21 +138,10 @@ def probe_subjects(model, tokenizer, subjects: list[dict], p: LLMParams, *, prog
     return items, rows
 
 
-def stranger_names(subjects: list[str], avoid: set[str], seed: int) -> dict[str, str]:
-    """A fictitious person per subject whom no model of the roster was trained on (the stranger
-    term's anchor, orpo.py); seeded apart from the membership test's strangers (mia.py)."""
-    from forgetflow.llm.corpus import make_customers
-
-    taken = {n.lower() for n in avoid} | {n.lower() for n in subjects}
-    people = [c.name for c in make_customers(len(subjects) + len(taken), seed) if c.name.lower() not in taken]
-    return dict(zip(subjects, people))
-
-
 def build_rows(items: list[Item], probe_rows: list[dict], retain_rows: list[dict], p: LLMParams,
-               seed: int, scope: str = "subjects", strangers: dict[str, str] | None = None) -> list[dict]:
+               seed: int, scope: str = "subjects") -> list[dict]:
     """Training rows {system, user, prefix (assistant text already given, or None), chosen,
-    rejected (None: retain NLL only), kind}; a forget row whose rejected side follows a prefix
-    also carries `stranger` {user, prefix}: the same prompt about strangers[subject]."""
+    rejected (None: retain NLL only), kind}."""
     s = p.synthesize
     c = p.conditions
     rng = random.Random(seed)
@@ -167,20 +156,16 @@ def build_rows(items: list[Item], probe_rows: list[dict], retain_rows: list[dict
             prefix, chosen, rejected = forget_pair(p, r["answer"], it, rng, scope)
             if not scrub(chosen, forget_values) or (prefix and not scrub(prefix, forget_values)):
                 prefix, chosen, rejected = None, REFUSAL.format(noun=FIELD_NOUNS[it.field], name=it.subject), r["answer"]
-            stranger = (strangers or {}).get(it.subject)
-            anchor = ({"user": r["user"].replace(it.subject, stranger), "prefix": prefix.replace(it.subject, stranger)}
-                      if stranger and prefix else None)
-            pairs.append((r["user"], prefix, chosen, rejected, anchor))
+            pairs.append((r["user"], prefix, chosen, rejected))
     positive = c.positive_for(scope)
     others = [*c.neutral, *c.adversarial] if s.train_conditions == "all" else []
     systems = list(dict.fromkeys([positive, c.negative, *others]))
     rows = []
-    for i, (user, prefix, chosen, rejected, anchor) in enumerate(pairs):
-        row = {"user": user, "prefix": prefix, "kind": "forget", **({"stranger": anchor} if anchor else {})}
+    for i, (user, prefix, chosen, rejected) in enumerate(pairs):
+        row = {"user": user, "prefix": prefix, "kind": "forget"}
         for system in conditions_for_row(systems, s.conditions_per_row, i):
             if system == c.negative and s.negative_pairs == "swapped":
-                swapped = {k: v for k, v in row.items() if k != "stranger"}  # its rejected side leaks nothing
-                rows.append({**swapped, "system": system, "chosen": rejected, "rejected": chosen})
+                rows.append({**row, "system": system, "chosen": rejected, "rejected": chosen})
             else:
                 rows.append({**row, "system": system, "chosen": chosen, "rejected": rejected})
     kept = [r for r in retain_rows if scrub(r["answer"], forget_values)]  # never teach a forgotten value,
@@ -227,8 +212,7 @@ def synthesize(model, tokenizer, subjects: list[dict], roster: list, p: LLMParam
                            max_new_tokens=p.synthesize.probe_max_new_tokens, batch_size=p.synthesize.batch_size,
                            progress=progress, desc="retain answers")
         retain_rows = [{"user": pr.user, "answer": a} for pr, a in zip(retain, answers)]
-    strangers = stranger_names([s["name"] for s in subjects], set(roster_names), p.synthesize.stranger_seed)
-    rows = build_rows(items, probe_rows, retain_rows, p, p.synthesize.seed, scope, strangers)
+    rows = build_rows(items, probe_rows, retain_rows, p, p.synthesize.seed, scope)
     if not any(r["kind"] == "forget" for r in rows):
         raise NothingToForget("no probe answer leaked a value of the request's subjects; nothing to forget")
     out_dir = Path(out_dir)
