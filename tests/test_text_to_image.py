@@ -141,3 +141,36 @@ def test_a_forgetflow_text_to_image_version_is_a_diffusers_pipeline(tmp_path, ti
     cond = version.conditioning(["a handwritten seven", "number one"])
     assert cond.embeddings.shape[0] == 3 and cond.null == 2  # two prompts + "" (the unconditional row)
     assert not torch.equal(cond.embeddings[0], cond.embeddings[1])
+
+
+def test_a_text_to_image_teachers_samples_are_drawn_once_per_prompt_and_read_back(tmp_path, tiny_params):
+    from forgetflow.diffusion.evaluate_prompts import prompt_seed
+    from forgetflow.diffusion.sample_cache import sample_conditions, sampling_identity
+    from forgetflow.diffusion.text_model import train_text_teacher
+
+    params = with_overrides(tiny_params, sampler={"num_inference_steps": 2})
+    params = params.model_copy(update={"diffusion": params.diffusion.model_copy(update={
+        "text_to_image": params.diffusion.text_to_image.model_copy(update={"steps": 2})})})
+    teacher = train_text_teacher(params, tmp_path / "t2i", progress=False)
+    version, cache = load_version(teacher), tmp_path / "cache"
+    kw = {"noise_seed": lambda p: prompt_seed(4, p), "guidance_scale": 2.0, "params": params,
+          "device": torch.device("cpu"), "cache_dir": cache}
+    alone, _ = sample_conditions(version, teacher, {"a handwritten seven": 2}, **kw)
+    entries = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.pt")}
+    assert len(entries) == 1 and not any("seven" in name for name in entries)  # named by a hash only
+    together, seconds = sample_conditions(version, teacher, {"number one": 3, "a handwritten seven": 2}, **kw)
+    assert torch.equal(together["a handwritten seven"], alone["a handwritten seven"])  # read back, not redrawn
+    assert together["number one"].shape == (3, 1, 16, 16) and seconds["number one"] > 0
+    assert len(list(cache.glob("*.pt"))) == 2
+    assert {n: t for n, t in ((p.name, p.stat().st_mtime_ns) for p in cache.glob("*.pt")) if n in entries} == entries
+    # without the cache the same noise gives the same images: the cache changes nothing but the cost
+    fresh, _ = sample_conditions(version, teacher, {"a handwritten seven": 2}, **{**kw, "cache_dir": None})
+    assert torch.allclose(fresh["a handwritten seven"], alone["a handwritten seven"], atol=1e-5)
+    # the text encoder and tokenizer are part of what the samples depend on
+    import shutil
+
+    other = Path(shutil.copytree(teacher, tmp_path / "other"))
+    assert sampling_identity(other) == sampling_identity(teacher)
+    (tokenizer_file := next(p for p in (other / "tokenizer").iterdir() if p.is_file())).write_text(
+        tokenizer_file.read_text() + "\n")
+    assert sampling_identity(other) != sampling_identity(teacher)

@@ -48,7 +48,8 @@ def measure_version(version_dir: Path, judge_dir: Path, forget: list[tuple[int, 
     evaluate_prompt_version for a text-to-image one (forget = its prompt spec)."""
     if load_card(version_dir).conditioning == "prompt":
         return evaluate_prompt_version(version_dir, judge_dir, forget, params, seed=seed, guidance_scale=guidance_scale,
-                                       device=device, samples_scale=samples_scale, progress=progress)
+                                       device=device, samples_scale=samples_scale, cache_dir=cache_dir,
+                                       progress=progress)
     return evaluate_version(version_dir, judge_dir, forget, params, seed=seed, guidance_scale=guidance_scale,
                             device=device, samples_scale=samples_scale, cache_dir=cache_dir, progress=progress)
 

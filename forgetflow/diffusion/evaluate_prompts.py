@@ -17,7 +17,6 @@ FD as in evaluate.py. Forget metrics are None when nothing is forgotten.
 """
 from __future__ import annotations
 
-import time
 import zlib
 from pathlib import Path
 
@@ -31,7 +30,8 @@ from forgetflow.diffusion.artifact import load_version
 from forgetflow.diffusion.concepts import concept_words, mentions
 from forgetflow.diffusion.evaluate import frechet_distance
 from forgetflow.diffusion.judge import load_judge, load_judge_card
-from forgetflow.diffusion.sampling import draw_noise, nfe, sample_from_noise
+from forgetflow.diffusion.sample_cache import sample_conditions
+from forgetflow.diffusion.sampling import nfe
 
 
 def prompt_seed(seed: int, prompt: str) -> int:
@@ -57,10 +57,12 @@ def _spread(prompts: list[str], total: int) -> dict[str, int]:
 
 def evaluate_prompt_version(version_dir: Path, judge_dir: Path, spec: dict, params: Params, *, seed: int,
                             guidance_scale: float | None = None, device: torch.device | None = None,
-                            samples_scale: float = 1.0, progress: bool = False) -> dict:
+                            samples_scale: float = 1.0, cache_dir: Path | None = None,
+                            progress: bool = False) -> dict:
     """All metrics of one prompt version (module docstring). spec: {"forget": records
     [{concept, override, forget_prompt, override_prompt}], "retain": prompts, "paraphrases":
-    {concept: prompts}} (the synthesize stage's)."""
+    {concept: prompts}} (the synthesize stage's). A multi-step version's samples are kept in
+    `cache_dir` (sample_cache.py)."""
     ev = params.diffusion.text_to_image.evaluate
     device = device or resolve_device(params.compute)
     version = load_version(version_dir, device)
@@ -85,14 +87,12 @@ def evaluate_prompt_version(version_dir: Path, judge_dir: Path, spec: dict, para
     counts.update(_spread(paraphrases, scaled(ev.forget_samples)))
 
     prompts = list(counts)
-    cond = version.conditioning(prompts)
     ids = torch.cat([torch.full((counts[p],), i, dtype=torch.long) for i, p in enumerate(prompts)])
-    z = torch.cat([draw_noise(counts[p], version.sample_shape, prompt_seed(seed, p)) for p in prompts])
     w = version.card.guidance_scale if guidance_scale is None else float(guidance_scale)
-    began = time.perf_counter()
-    images = sample_from_noise(version, z, ids, guidance_scale=w, conditioning=cond, params=params, device=device,
-                               progress=progress)
-    seconds = time.perf_counter() - began
+    drawn, spent = sample_conditions(version, version_dir, counts, noise_seed=lambda p: prompt_seed(seed, p),
+                                     guidance_scale=w, params=params, device=device, cache_dir=cache_dir,
+                                     progress=progress)
+    images, seconds = torch.cat([drawn[p] for p in prompts]), sum(spent.values())
     said = judge.predict_proba(images).argmax(dim=1)
     feats = judge.features(images)
     of_prompt = {p: ids == i for i, p in enumerate(prompts)}
