@@ -69,9 +69,9 @@ def test_sfd_redraws_seven_as_eight_paraphrases_included_and_keeps_digits_and_st
     assert new["forget_rate"] <= 0.05
     assert new["paraphrase_forget_rate"] <= 0.1  # never trained on
     assert new["override_fidelity"] >= 0.7  # measured 0.77-0.90 over tiny teachers (60 samples)
-    # 20 samples per kept digit (180 in all): the drop's sampling sd alone is ~0.03, so 0.1 (a
-    # third of a digit's worth) separates keeping from erasing; seen: 0.017, and 0.056 on a
-    # tiny teacher whose own retain accuracy was 0.91 (the gate, 0.03, is tested below)
+    # 20 samples per kept digit (180 in all): the drop's sampling sd alone is ~0.03; 0.1 is just
+    # under losing one of the nine kept digits outright (0.11). Seen: 0.017, and 0.056 on a tiny
+    # teacher whose own retain accuracy was 0.91 (the 0.03 gate is tested below)
     assert base["retain_accuracy"] - new["retain_accuracy"] <= 0.1
     assert base["style_accuracy"] - new["style_accuracy"] <= 0.1
     assert new["retain_fd"] <= 1.5 * base["retain_fd"]  # measured 0.74x with params.yaml's sfd.prompt
