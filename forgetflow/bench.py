@@ -325,6 +325,9 @@ def _tokens_per_second(new_dir: Path, parent: Path, params: Params, device: torc
     return out
 
 
+KEYS = {"diffusion": DIFFUSION_KEYS, "llm": LLM_KEYS}  # the metric columns of each family's table
+
+
 # ---- run, write, log --------------------------------------------------------------------------
 def methods_of(family: str) -> list[str]:
     if family == "diffusion":
@@ -350,17 +353,22 @@ def run_bench(family: str, params: Params, out_root: Path, *, seeds: int = 3, me
     work = out / "work"
     run = diffusion_trials if family == "diffusion" else llm_trials
     trials, setup_s = run(params, work, methods, seeds, model_dir=model_dir, eval_kit=eval_kit, progress=progress)
-    keys = DIFFUSION_KEYS if family == "diffusion" else LLM_KEYS
-    summary = summarise(trials, keys)
+    summary = summarise(trials, KEYS[family])
     result = {"family": family, "created": stamp, "command": command, "seeds": seeds, "device": device_name(params),
-              "methods": methods, "setup_s": setup_s, "summary": summary, "trials": [asdict(t) for t in trials],
+              "methods": methods, "setup_s": setup_s, "summary": summary,
+              "dominated_by": dominated_by(summary, family), "trials": [asdict(t) for t in trials],
               "real_data": {m: DIFFUSION_REAL_DATA.get(m) for m in methods} if family == "diffusion" else {}}
-    (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / "results.md").write_text(markdown_table(result, keys))
-    plot_bench(result, out)
+    write_outputs(result, out)
     if tracking_uri:
         log_to_mlflow(result, out, tracking_uri)
     return out
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    """results.json, results.md and the plots of one bench result, in `out`."""
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "results.md").write_text(markdown_table(result))
+    plot_bench(result, out)
 
 
 # The trade-off axes of each family, with the better direction: -1 lower is better, +1 higher.
@@ -395,9 +403,10 @@ def _cell(stat: dict | None, digits: int = 3) -> str:
     return text
 
 
-def markdown_table(result: dict, keys: list[str]) -> str:
+def markdown_table(result: dict) -> str:
+    keys = KEYS[result["family"]]
     cols = ["method", "gates passed", "dominated by", "unlearn s", "request s", "requests/h", "peak MB", *keys]
-    dominance = dominated_by(result["summary"], result["family"])
+    dominance = result["dominated_by"]
     base_mia = [b for t in result["trials"] if (b := t["metrics"].get("base", {}).get("mia_auc")) is not None]
     lines = [f"# forgetflow bench: {result['family']}, {result['seeds']} seed(s), {result['device']}, {result['created']}",
              "", "mean ± sd over seeds [bootstrap 95% interval over items, for rates]; requests/h = 3600 / request s"
@@ -429,7 +438,7 @@ def plot_bench(result: dict, out: Path) -> None:
               else ("retained_recall_drop", "leak_rate"))
     fig = Figure(figsize=(6, 4.5), dpi=120)
     ax = fig.subplots()
-    dominance = dominated_by(result["summary"], result["family"])
+    dominance = result["dominated_by"]
     labels: dict[tuple[float, float], list[str]] = {}  # methods at the same point share one label
     for method, row in result["summary"].items():
         if row.get(fx) and row.get(fy):

@@ -73,6 +73,7 @@ def test_diffusion_methods_esd_and_retrain_side_by_side_over_two_seeds(services,
     untargeted = {t["method"]: t["metrics"]["random_override"] for t in result["trials"]}
     assert untargeted == {"sfd": False, "sfd-two-stage": False, "sid": False, "esd": True, "retrain": True}
     assert result["summary"]["sfd"]["nfe"]["mean"] == 1 and result["summary"]["retrain"]["nfe"]["mean"] > 1
+    assert set(result["dominated_by"]) <= set(result["methods"])  # the front, stored with the results
     assert "retrain (real data:" in table and "esd (real data:" in table  # which peers need the real data
     children = mlflow_children(services, result)
     assert sorted(r.data.tags["forgetflow.method"] for r in children) == sorted([*result["methods"]] * 2)

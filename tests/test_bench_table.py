@@ -25,3 +25,32 @@ def test_higher_unlearning_accuracy_is_better_for_diffusion():
     summary = {"sfd": _row(unlearning_accuracy=1.0, remaining_accuracy_drop=0.0, remaining_fd_ratio=1.0),
                "sid": _row(unlearning_accuracy=0.01, remaining_accuracy_drop=0.0, remaining_fd_ratio=1.0)}
     assert dominated_by(summary, "diffusion") == {"sfd": [], "sid": ["sfd"]}
+
+
+def test_the_results_carry_the_front_and_the_table_and_plot_read_it(tmp_path):
+    """write_outputs from trials: results.json holds the dominance computed once; the table
+    prints it (- on the front); both plots are written."""
+    import json
+    from dataclasses import asdict
+
+    from forgetflow.bench import KEYS, Trial, dominated_by, summarise, write_outputs
+
+    def trial(method, seed, leak, recall_drop):
+        metrics = {"leak_rate": leak, "retained_recall_drop": recall_drop, "utility_accuracy_drop": 0.0,
+                   "perplexity_ratio": 1.0}
+        return Trial("llm", method, seed, 10.0 + seed, 20.0 + seed, 500.0, metrics, [], leak == 0.0,
+                     items={"leak_rate": 16}, speed={})
+
+    trials = [trial(m, s, leak, drop) for s in (0, 1) for m, leak, drop in
+              (("ours", 0.0, 0.1), ("peer", 0.2, 0.1), ("keeper", 0.5, 0.0))]
+    summary = summarise(trials, KEYS["llm"])
+    result = {"family": "llm", "created": "now", "command": None, "seeds": 2, "device": "cpu", "methods": list(summary),
+              "setup_s": {"base": None}, "summary": summary, "dominated_by": dominated_by(summary, "llm"),
+              "trials": [asdict(t) for t in trials], "real_data": {}}
+    write_outputs(result, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["dominated_by"] == {
+        "ours": [], "peer": ["ours"], "keeper": []}
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in (tmp_path / "results.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| method")}
+    assert rows["ours"][1:3] == ["2/2", "-"] and rows["peer"][1:3] == ["0/2", "ours"] and rows["keeper"][2] == "-"
+    assert (tmp_path / "tradeoff.png").stat().st_size > 5000 and (tmp_path / "seconds.png").stat().st_size > 5000

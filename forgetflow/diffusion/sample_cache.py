@@ -101,14 +101,15 @@ def sample_conditions(
     prompts = version.card.conditioning == "prompt"
     cache = (SampleCache(cache_dir, version_dir, version, params, device)
              if cache_dir is not None and version.card.kind != "one-step" else None)
+    seeds = {c: noise_seed(c) for c in counts}
     images: dict = {}
     seconds: dict = {}  # per condition; a batched drawing's time is shared by sample count
     for c, n in counts.items():
-        hit = cache.get(cache.path(c, n, noise_seed(c), guidance_scale)) if cache else None
+        hit = cache.get(cache.path(c, n, seeds[c], guidance_scale)) if cache else None
         if hit is not None:
             images[c], seconds[c] = hit
     if missing := [c for c in counts if c not in images]:
-        z = torch.cat([draw_noise(counts[c], version.sample_shape, noise_seed(c)) for c in missing])
+        z = torch.cat([draw_noise(counts[c], version.sample_shape, seeds[c]) for c in missing])
         ids = [i if prompts else c for i, c in enumerate(missing)]  # a prompt's row of the conditioning table
         labels = torch.cat([torch.full((counts[c],), j, dtype=torch.long) for c, j in zip(missing, ids)])
         start = time.perf_counter()
@@ -118,7 +119,7 @@ def sample_conditions(
         for c, part in zip(missing, drawn.split([counts[c] for c in missing])):
             images[c], seconds[c] = part.clone(), spent * counts[c] / len(labels)  # clone: a view would save all
             if cache:
-                cache.put(cache.path(c, counts[c], noise_seed(c), guidance_scale), part, seconds[c])
+                cache.put(cache.path(c, counts[c], seeds[c], guidance_scale), part, seconds[c])
     return images, seconds
 
 
