@@ -16,7 +16,8 @@ Binomial(n, k/n), so the interval is that distribution's 2.5 / 97.5 percentiles 
 and the methods that dominate it on the family's trade-off axes (TRADEOFF).
 
 Writes <out>/<UTC timestamp>-<family>/{results.json, results.md, tradeoff.png, seconds.png};
-given a tracking URI, one MLflow parent run with a child run per method and seed.
+given a tracking URI, one MLflow parent run with a child run per method and seed. The folder
+also keeps each trial as it ends, so a run cut short resumes (bench_folder.py).
 """
 from __future__ import annotations
 
@@ -25,13 +26,13 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import psutil
 import torch
 
+from forgetflow.bench_folder import BenchFolder
 from forgetflow.compute import resolve_device
 from forgetflow.config import Params, _deep_merge
 
@@ -142,12 +143,12 @@ DIFFUSION_KEYS = ["unlearning_accuracy", "override_fidelity", "remaining_accurac
                   "nfe", "seconds_per_1000_samples"]
 
 
-def diffusion_trials(params: Params, work: Path, methods: list[str], seeds: int, *, model_dir: Path | None,
+def diffusion_trials(params: Params, folder: BenchFolder, methods: list[str], seeds: int, *, model_dir: Path | None,
                      eval_kit: Path | None, progress: bool) -> tuple[list[Trial], dict]:
     """(trials, setup seconds: "base" to build the demo teacher and judge (None for a given
     model), "serving" to distil the one-step version a registration makes (None if none)).
     The FROM_SERVING methods start from that version, as the pipeline's requests do; the
-    others from the base."""
+    others from the base. Trials `folder` already holds are kept, not run again."""
     from forgetflow.diffusion.calibrate import calibrate_version, diffusion_gates
     from forgetflow.diffusion.evaluate import evaluate_version
     from forgetflow.diffusion.judge import train_judge
@@ -157,28 +158,31 @@ def diffusion_trials(params: Params, work: Path, methods: list[str], seeds: int,
     from forgetflow.families.diffusion import DiffusionFamily, resolve_overrides
     from forgetflow.gates import all_passed
 
-    device = resolve_device(params.compute)
-    setup: dict = {"base": None, "serving": None}
-    start = time.perf_counter()
-    base = model_dir or train_teacher(params, work / "base", device=device, progress=progress)
-    judge = eval_kit or train_judge(params, work / "judge", device=device, progress=progress)
-    if model_dir is None:
-        setup["base"] = round(time.perf_counter() - start, 2)
-    card = json.loads((Path(base) / "model_card.json").read_text())
+    device, work, done = resolve_device(params.compute), folder.work, folder.finished()
+    base = Path(model_dir or folder.step("base", work / "base", lambda: train_teacher(
+        params, work / "base", device=device, progress=progress)))
+    judge = Path(eval_kit or folder.step("judge", work / "judge", lambda: train_judge(
+        params, work / "judge", device=device, progress=progress)))
+    card = json.loads((base / "model_card.json").read_text())
     targeted = tuple(resolve_overrides([FORGET_CLASS], {}, card, params.diffusion.sfd.override_rule)[0])
     ev, cache = params.diffusion.evaluate, work / "cache"
     serving = None
     if any(m in FROM_SERVING for m in methods):
-        start = time.perf_counter()
-        made = DiffusionFamily().serving_version(base, judge, params, work / "serving", cache_dir=cache, progress=progress)
-        if made is not None:
-            serving, setup["serving"] = made[0], round(time.perf_counter() - start, 2)
+        made = folder.step("serving", work / "serving", lambda: (m[0] if (m := DiffusionFamily().serving_version(
+            base, judge, params, work / "serving", cache_dir=cache, progress=progress)) else None))
+        serving = Path(made) if made else None
+    setup = {"base": folder.seconds("base", "judge"), "serving": folder.seconds("serving") if serving else None}
     trials = []
     for method in methods:
         pair = (FORGET_CLASS, RANDOM_OVERRIDE) if method in UNTARGETED else targeted
-        base_metrics = evaluate_version(base, judge, [pair], params, seed=ev.seed, device=device, cache_dir=cache)
+        base_metrics = None
         for seed in range(seeds):
-            out = work / f"{method}-seed{seed}"
+            if (method, seed) in done:
+                trials.append(Trial(**done[(method, seed)]))
+                continue
+            base_metrics = base_metrics or evaluate_version(base, judge, [pair], params, seed=ev.seed, device=device,
+                                                            cache_dir=cache)
+            out = folder.trial_dir(method, seed)
             p = with_updates(params, {"diffusion": {"sfd": {"seed": seed}, "esd": {"seed": seed}, "base": {"seed": seed}}})
             start = time.perf_counter()
             with peak_memory(device) as mem:
@@ -198,6 +202,7 @@ def diffusion_trials(params: Params, work: Path, methods: list[str], seeds: int,
             trials.append(Trial("diffusion", method, seed, round(seconds, 2), round(request_s, 2), round(mem["mb"], 1), new,
                                 [g.to_dict() for g in gates], all_passed(gates),
                                 items={"unlearning_accuracy": n_forget, "override_fidelity": n_forget}))
+            folder.record(asdict(trials[-1]))
     return trials, setup
 
 
@@ -208,10 +213,10 @@ LLM_KEYS = ["guidance_scale", "leak_rate", *[f"leak_{a}" for a in LLM_ATTACKS], 
             "tokens_per_s_unguided"]
 
 
-def llm_trials(params: Params, work: Path, methods: list[str], seeds: int, *, model_dir: Path | None,
+def llm_trials(params: Params, folder: BenchFolder, methods: list[str], seeds: int, *, model_dir: Path | None,
                eval_kit: Path | None, progress: bool) -> tuple[list[Trial], dict]:
     """(trials, setup seconds: "base" to fine-tune the demo model and its never-trained
-    reference, None for a given model)."""
+    reference, None for a given model). Trials `folder` already holds are kept, not run again."""
     from forgetflow.families.llm import LLMFamily
     from forgetflow.gates import all_passed
     from forgetflow.llm.evalkit import roster
@@ -219,20 +224,25 @@ def llm_trials(params: Params, work: Path, methods: list[str], seeds: int, *, mo
     from forgetflow.llm.synthesize import read_spec
     from forgetflow.request import parse_request
 
-    device = resolve_device(params.compute)
+    device, work, done = resolve_device(params.compute), folder.work, folder.finished()
     demo = model_dir is None  # forget quality needs the training corpus: only for the demo model built here
-    start = time.perf_counter()
     if demo:
-        corpus, eval_kit = make_support_corpus(params, work / "support")
-        model_dir = finetune_model(corpus, work / "support" / "model", params, progress=progress)
+        corpus, eval_kit = map(Path, folder.step("corpus", work / "support", lambda: make_support_corpus(
+            params, work / "support")))
+        model_dir = Path(folder.step("base", work / "support" / "model", lambda: finetune_model(
+            corpus, work / "support" / "model", params, progress=progress)))
     family = LLMFamily()
     subjects = [{"name": c.name} for c in roster(eval_kit)[:FORGET_SUBJECTS]]
-    retain_dir = _never_trained(params, work, {s["name"] for s in subjects}, progress) if demo else None
-    setup = {"base": round(time.perf_counter() - start, 2) if demo else None}
+    retain_dir = Path(folder.step("never-trained", work / "never-trained", lambda: _never_trained(
+        params, work, {s["name"] for s in subjects}, progress))) if demo else None
+    setup = {"base": folder.seconds("corpus", "base", "never-trained")}
     trials = []
     for method in methods:
         for seed in range(seeds):
-            out = work / f"{method}-seed{seed}"
+            if (method, seed) in done:
+                trials.append(Trial(**done[(method, seed)]))
+                continue
+            out = folder.trial_dir(method, seed)
             p = with_updates(params, {"llm": {"unlearn": {"seed": seed}}})
             request = parse_request({"request_id": f"bench-{method}-{seed}", "model": "bench", "method": method,
                                      "target": {"kind": "llm-subjects", "subjects": subjects}})
@@ -259,6 +269,7 @@ def llm_trials(params: Params, work: Path, methods: list[str], seeds: int, *, mo
                                 speed=_tokens_per_second(out / "new", model_dir, p, device)))
             trials[-1].metrics["base"] = {**{k: v for k, v in metrics["base"].items() if not isinstance(v, dict)},
                                           "mia_auc": membership["base_mia_auc"]}
+            folder.record(asdict(trials[-1]))
     return trials, setup
 
 
@@ -341,27 +352,40 @@ def methods_of(family: str) -> list[str]:
 
 def run_bench(family: str, params: Params, out_root: Path, *, seeds: int = 3, methods: list[str] | None = None,
               model_dir: Path | None = None, eval_kit: Path | None = None, tracking_uri: str | None = None,
-              progress: bool = True, command: str | None = None) -> Path:
+              progress: bool = True, command: str | None = None, resume: Path | None = None) -> Path:
     """Run the bench of one family; returns the results folder. `command`: the invocation that
-    made it, recorded with the results."""
-    known = methods_of(family)
-    methods = methods or known
-    if unknown := [m for m in methods if m not in known]:
-        raise ValueError(f"unknown {family} methods {unknown}; known: {known}")
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(out_root) / f"{stamp}-{family}"
-    work = out / "work"
+    made it, recorded with the results. `resume`: the folder of a run that was cut short; its
+    plan (family, methods, seeds, base, params) replaces the arguments, its finished trials are
+    kept (bench_folder.py; ResumeError on another device)."""
+    if resume:
+        folder = BenchFolder.resume(resume)
+        params = Params.model_validate(folder.plan["params"])
+        device = device_name(params)
+        folder.check_device(device)
+    else:
+        device = device_name(params)
+        known = methods_of(family)
+        methods = methods or known
+        if unknown := [m for m in methods if m not in known]:
+            raise ValueError(f"unknown {family} methods {unknown}; known: {known}")
+        folder = BenchFolder.create(out_root, {
+            "family": family, "methods": methods, "seeds": seeds, "model_dir": model_dir, "eval_kit": eval_kit,
+            "device": device, "command": command, "params": params.model_dump(mode="json")})
+    plan = folder.plan
+    family, methods, seeds = plan["family"], plan["methods"], plan["seeds"]
     run = diffusion_trials if family == "diffusion" else llm_trials
-    trials, setup_s = run(params, work, methods, seeds, model_dir=model_dir, eval_kit=eval_kit, progress=progress)
+    trials, setup_s = run(params, folder, methods, seeds, model_dir=plan["model_dir"] and Path(plan["model_dir"]),
+                          eval_kit=plan["eval_kit"] and Path(plan["eval_kit"]), progress=progress)
     summary = summarise(trials, KEYS[family])
-    result = {"family": family, "created": stamp, "command": command, "seeds": seeds, "device": device_name(params),
-              "methods": methods, "setup_s": setup_s, "summary": summary,
-              "dominated_by": dominated_by(summary, family), "trials": [asdict(t) for t in trials],
+    result = {"family": family, "created": plan["created"], "command": plan["command"],
+              "resumed_by": command if resume else None, "seeds": seeds, "device": device, "methods": methods,
+              "setup_s": setup_s, "summary": summary, "dominated_by": dominated_by(summary, family),
+              "trials": [asdict(t) for t in trials],
               "real_data": {m: DIFFUSION_REAL_DATA.get(m) for m in methods} if family == "diffusion" else {}}
-    write_outputs(result, out)
+    write_outputs(result, folder.path)
     if tracking_uri:
-        log_to_mlflow(result, out, tracking_uri)
-    return out
+        log_to_mlflow(result, folder.path, tracking_uri)
+    return folder.path
 
 
 def write_outputs(result: dict, out: Path) -> None:
@@ -416,7 +440,8 @@ def markdown_table(result: dict) -> str:
              + f"; dominated by: the methods at least as good on every one of {', '.join(TRADEOFF[result['family']])}"
                " and better on one (- : on the Pareto front)"
              + (f"; the base's mia_auc {np.mean(base_mia):.3f}" if base_mia else ""), "",
-             *([f"made by `{result['command']}`", ""] if result.get("command") else []),
+             *([f"made by `{result['command']}`" + (f", finished by `{result['resumed_by']}`" if result.get("resumed_by")
+                                                      else ""), ""] if result.get("command") else []),
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for method, row in result["summary"].items():
         note = result["real_data"].get(method)

@@ -2,6 +2,7 @@
 (forgetflow/bench.py); a table, a JSON file and plots per family, and MLflow runs."""
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -11,19 +12,33 @@ import typer
 
 def bench(ctx: typer.Context,
           family: str = typer.Option("all", help="diffusion | llm | all"),
-          seeds: int = typer.Option(3, min=1, help="Seeds per method (mean and sd over them)."),
+          seeds: int = typer.Option(None, min=1, help="Seeds per method (mean and sd over them). [default: 3]"),
           methods: str = typer.Option(None, help="Comma-separated method names (default: every method of the family)."),
           out: Path = typer.Option(Path("bench/results"), help="Each run writes <out>/<timestamp>-<family>/."),
           model_dir: Path = typer.Option(None, help="Bench on your own base version (one family) instead of "
                                          "training the demo model."),
           eval_kit: Path = typer.Option(None, help="Its evaluation kit (the judge, or the LLM kit)."),
-          mlflow: bool = typer.Option(True, help="Log a parent run and a child run per method and seed to MLflow.")):
+          mlflow: bool = typer.Option(True, help="Log a parent run and a child run per method and seed to MLflow."),
+          resume: Path = typer.Option(None, help="Finish a run that was cut short: its results folder. Its own "
+                                      "plan (family, methods, seeds, base, params) is run; finished trials "
+                                      "are kept.")):
     """Run every method (or --methods) of a family on the same base and request: forgetting,
     utility, wall-clock, peak memory and sampling cost, mean ± sd over --seeds."""
     from forgetflow import cli
     from forgetflow.bench import methods_of, run_bench
+    from forgetflow.bench_folder import PLAN
 
     o = cli._opts(ctx)
+    if resume is not None:
+        if seeds or methods or model_dir or eval_kit:
+            cli._fail("--resume runs the folder's own plan: drop --seeds, --methods, --model-dir and --eval-kit")
+        if not (resume / PLAN).is_file():
+            cli._fail(f"--resume {resume}: not a bench results folder (no {PLAN})")
+        planned = json.loads((resume / PLAN).read_text())["family"]
+        if family not in ("all", planned):
+            cli._fail(f"--resume {resume} is a {planned} bench, not {family}")
+        family = planned
+    seeds = seeds or 3
     families = ["diffusion", "llm"] if family == "all" else [family]
     if any(f not in ("diffusion", "llm") for f in families):
         cli._fail(f"unknown family {family!r}; known: diffusion, llm, all")
@@ -36,7 +51,7 @@ def bench(ctx: typer.Context,
         picked = [m for m in chosen if m in methods_of(fam)] if chosen and len(families) > 1 else chosen
         try:
             folder = run_bench(fam, params, out, seeds=seeds, methods=picked, model_dir=model_dir, eval_kit=eval_kit,
-                               tracking_uri=tracking, command=shlex.join(["forgetflow", *sys.argv[1:]]))
+                               tracking_uri=tracking, command=shlex.join(["forgetflow", *sys.argv[1:]]), resume=resume)
         except ValueError as exc:
             cli._fail(str(exc))
         cli.console.print((folder / "results.md").read_text(), markup=False, highlight=False)

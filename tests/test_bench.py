@@ -5,12 +5,19 @@ session's real server."""
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow import MlflowClient
 
+from forgetflow.bench_folder import TRIALS
 from tests.cli import forgetflow
 from tests.llm_fixtures import llm_params, support_llm  # noqa: F401
 
@@ -80,16 +87,49 @@ def test_diffusion_methods_esd_and_retrain_side_by_side_over_two_seeds(services,
     assert all("unlearning_accuracy" in r.data.metrics and "unlearn_s" in r.data.metrics for r in children)
 
 
-def test_llm_bench_on_your_own_model(services, support_llm, tmp_path):
-    """A user's own base version and kit (here the session's tiny support model), one peer."""
-    run = bench(tmp_path, Path(services.state_dir), "--family", "llm", "--seeds", "1", "--methods", "grad-ascent",
-                "--model-dir", str(support_llm / "model"), "--eval-kit", str(support_llm / "eval_kit"))
-    result = run["result"]
-    (trial,) = result["trials"]
-    assert trial["method"] == "grad-ascent" and {g["name"] for g in trial["gates"]} >= {"leak_rate", "retained_recall_drop"}
+def test_llm_bench_on_your_own_model_killed_and_resumed(services, support_llm, tmp_path):
+    """A user's own base version and kit (here the session's tiny support model), two peers. The
+    run is killed (SIGKILL) once its first trial is kept; `--resume` finishes it without running
+    that trial again, and the results name both commands."""
+    state_dir, results = Path(services.state_dir), tmp_path / "results"
+    args = ["--preset", "tiny", "--params", str(small_params(tmp_path)), "bench", "--out", str(results),
+            "--family", "llm", "--seeds", "1", "--methods", "grad-ascent,control-phrase",
+            "--model-dir", str(support_llm / "model"), "--eval-kit", str(support_llm / "eval_kit")]
+    log = tmp_path / "killed.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "forgetflow.cli", *args], cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "FORGETFLOW_STATE_DIR": str(state_dir)})
+    deadline = time.time() + 900
+    while not any(len(p.read_text().splitlines()) >= 1 for p in results.glob(f"*/{TRIALS}")):
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    (folder,) = results.iterdir()
+    assert not (folder / "results.json").exists()
+    kept = (folder / TRIALS).read_text()
+    first = json.loads(kept.splitlines()[0])
+    assert first["method"] == "grad-ascent"
+    stamp = (folder / "work" / "grad-ascent-seed0").stat().st_mtime_ns
+
+    resumed = forgetflow(tmp_path, state_dir, "bench", "--resume", str(folder))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    result = json.loads((folder / "results.json").read_text())
+    assert result["command"] == shlex.join(["forgetflow", *args])
+    assert result["resumed_by"] == shlex.join(["forgetflow", "--preset", "tiny", "bench", "--resume", str(folder)])
+    assert "finished by `forgetflow --preset tiny bench --resume" in (folder / "results.md").read_text()
+    assert [t["method"] for t in result["trials"]] == ["grad-ascent", "control-phrase"]
+    assert result["trials"][0] == first and (folder / TRIALS).read_text().startswith(kept)  # kept, not rerun
+    assert (folder / "work" / "grad-ascent-seed0").stat().st_mtime_ns == stamp
+    trial = result["trials"][0]
+    assert {g["name"] for g in trial["gates"]} >= {"leak_rate", "retained_recall_drop"}
     row = result["summary"]["grad-ascent"]
     assert row["leak_rate"]["ci95"] and row["tokens_per_s_guided"]["mean"] > 0 and row["tokens_per_s_unguided"]["mean"] > 0
     assert trial["items"]["leak_rate"] >= 4  # four customers' values
     # membership inference: the base singles the four out from never-seen people
     assert trial["metrics"]["base"]["mia_auc"] > 0.7 and 0.0 <= trial["metrics"]["mia_auc"] <= 1.0
-    assert len(mlflow_children(services, result)) == 1
+    assert len(mlflow_children(services, result)) == 2
+    # the plan is the folder's: a resume that asks for other seeds, or another family, is refused
+    refused = forgetflow(tmp_path, state_dir, "bench", "--resume", str(folder), "--seeds", "3", "--no-mlflow")
+    assert refused.returncode == 1 and "drop --seeds" in refused.stderr
