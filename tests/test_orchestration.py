@@ -1,15 +1,16 @@
 """Requests drive the pipeline by themselves (issue 4), on the session's real Prefect server,
 object store and MLflow: `forgetflow serve` runs the two deployments in a subprocess.
 
-- chain: three requests for one model (CLI, CLI, CLI) and one for another (HTTP intake),
-  each triggered by its accepted event: the first model's champion lineage is v1 -> v2 ->
-  v3 -> v4, each version forgot its request and everything before (re-measured on the final
-  champion), the two models trained side by side, one model's runs one after another;
+- chain: two requests for one model (CLI, CLI; the second submitted while the first trains)
+  and one for another (HTTP intake), each triggered by its accepted event: the first model's
+  champion lineage is v1 -> v2 -> v3, each version forgot its request and everything before
+  (re-measured on the final champion), the two models trained side by side, one model's runs
+  one after another;
   a duplicate submission starts nothing and a trigger firing twice makes no second version.
 - burst (load): 50 documents dropped in the inbox at once, ten of them twice, and the cron
   firing yield one batched run and one version that forgot all their classes; none lost,
   none applied twice.
-Tiny presets; about 15 minutes on 2 cores.
+Tiny presets; about 13 minutes on 2 cores (measured before the chain lost its third request: 19).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from tests.diffusion_fixtures import judge_dir, tiny_params, tiny_teacher  # noq
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 PROJECT = Path(__file__).resolve().parent.parent
 CHAIN, SIDE, BATCHED = "digits-chain", "digits-side", "digits-batched"
-CHAIN_CLASSES = {"chain-7": 7, "chain-3": 3, "chain-5": 5}  # submitted in this order
+CHAIN_CLASSES = {"chain-7": 7, "chain-3": 3}  # submitted in this order
 BURST, BURST_CLASSES = 50, (0, 2, 4, 6, 9)  # the load test: 50 requests, ten per class
 NEVER = "0 0 1 1 *"  # the chain test's sweep: not while it runs (it would batch the chain)
 WAIT_S = 1500
@@ -173,7 +174,7 @@ def workspace(services, tmp_path_factory, tiny_teacher, judge_dir):
 
 @pytest.fixture(scope="module")
 def chain(workspace, monkeypatch_module):
-    """Serve, submit the four requests as users do, wait until all are final."""
+    """Serve, submit the three requests as users do, wait until all are final."""
     workdir, state_dir = workspace
     monkeypatch_module.setenv("FORGETFLOW_API_TOKEN", TOKEN)
     with served(workdir, state_dir, params_file(workdir, NEVER)) as (_, log):
@@ -185,7 +186,7 @@ def chain(workspace, monkeypatch_module):
         http = TestClient(create_app(load_params(preset="tiny"), str(state_dir)))
         side = http.post("/requests", content=json.dumps(doc("side-4", SIDE, 4)),
                          headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
-        rest = [forgetflow(workdir, state_dir, "request", "submit", str(files[i])) for i in ("chain-3", "chain-5")]
+        rest = [forgetflow(workdir, state_dir, "request", "submit", str(files[i])) for i in list(CHAIN_CLASSES)[1:]]
         duplicate = forgetflow(workdir, state_dir, "request", "submit", str(files["chain-7"]))
         started = time.time()
         entries = wait_final(state_dir, [*CHAIN_CLASSES, "side-4"], log)
@@ -231,12 +232,12 @@ def test_every_request_is_promoted_each_by_its_own_triggered_run(chain):
     assert all(r.state.is_completed() for r in runs), [(r.name, r.state) for r in runs]
 
 
-def test_the_chain_is_v1_v2_v3_v4_in_submission_order(chain, services):
+def test_the_chain_is_v1_v2_v3_in_submission_order(chain, services):
     registry = Registry(services.mlflow_uri)
     versions = registry.versions(CHAIN)
-    assert [v.version for v in versions] == ["1", "2", "3", "4"]
-    assert registry.champion(CHAIN).version == "4"
-    for request_id, version in zip(CHAIN_CLASSES, ("2", "3", "4")):
+    assert [v.version for v in versions] == ["1", "2", "3"]
+    assert registry.champion(CHAIN).version == "3"
+    for request_id, version in zip(CHAIN_CLASSES, ("2", "3")):
         entry = chain["entries"][request_id]
         assert (entry.base_version, entry.new_version) == (str(int(version) - 1), version)
         tags = registry.get_version(CHAIN, version).tags
@@ -245,10 +246,10 @@ def test_the_chain_is_v1_v2_v3_v4_in_submission_order(chain, services):
 
 
 def test_the_final_champion_forgot_every_request_of_the_chain(chain, services, tiny_params, judge_dir, tmp_path):
-    final = Registry(services.mlflow_uri).download(CHAIN, "4", tmp_path / "v4")
+    final = Registry(services.mlflow_uri).download(CHAIN, "3", tmp_path / "v3")
     card = json.loads((final / "model_card.json").read_text())
     pairs = [(p["forget_class"], p["override_class"]) for p in card["forgotten"]]
-    assert sorted(f for f, _ in pairs) == [3, 5, 7]
+    assert sorted(f for f, _ in pairs) == [3, 7]
     metrics = evaluate_version(final, judge_dir, pairs, tiny_params, seed=tiny_params.diffusion.evaluate.seed + 1)
     gates = tiny_params.diffusion.gates
     for cls in CHAIN_CLASSES.values():  # re-measured on fresh seeds: each class is still gone
@@ -269,7 +270,7 @@ def test_models_train_side_by_side_and_one_model_one_at_a_time(chain):
 def test_a_trigger_firing_twice_makes_no_second_version(chain, services):
     refired = chain["refired"]
     assert len(refired) == 1 and refired[0].state.is_completed(), refired
-    assert len(Registry(services.mlflow_uri).versions(CHAIN)) == 4
+    assert len(Registry(services.mlflow_uri).versions(CHAIN)) == 3
 
 
 def test_status_lists_every_request_with_its_run_version_and_report(chain):
