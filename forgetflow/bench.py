@@ -369,7 +369,8 @@ def run_bench(family: str, params: Params, out_root: Path, *, seeds: int = 3, me
         if unknown := [m for m in methods if m not in known]:
             raise ValueError(f"unknown {family} methods {unknown}; known: {known}")
         folder = BenchFolder.create(out_root, {
-            "family": family, "methods": methods, "seeds": seeds, "model_dir": model_dir, "eval_kit": eval_kit,
+            "family": family, "methods": methods, "seeds": seeds,  # absolute: a resume may run from elsewhere
+            "model_dir": model_dir and Path(model_dir).resolve(), "eval_kit": eval_kit and Path(eval_kit).resolve(),
             "device": device, "command": command, "params": params.model_dump(mode="json")})
     plan = folder.plan
     family, methods, seeds = plan["family"], plan["methods"], plan["seeds"]
