@@ -10,7 +10,8 @@ object store and MLflow: `forgetflow serve` runs the two deployments in a subpro
 - burst (load): 50 documents dropped in the inbox at once, ten of them twice, and the cron
   firing yield one batched run and one version that forgot all their classes; none lost,
   none applied twice.
-Tiny presets; about 13 minutes on 2 cores (measured before the chain lost its third request: 19).
+Tiny presets; 20 minutes on 2 cores run alone (the tiny teacher and judge included), 19 in
+the whole suite before the chain lost its third request.
 """
 from __future__ import annotations
 
