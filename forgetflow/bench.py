@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -352,11 +353,13 @@ def methods_of(family: str) -> list[str]:
 
 def run_bench(family: str, params: Params, out_root: Path, *, seeds: int = 3, methods: list[str] | None = None,
               model_dir: Path | None = None, eval_kit: Path | None = None, tracking_uri: str | None = None,
-              progress: bool = True, command: str | None = None, resume: Path | None = None) -> Path:
+              progress: bool = True, command: str | None = None, resume: Path | None = None,
+              on_folder: Callable[[Path], None] | None = None) -> Path:
     """Run the bench of one family; returns the results folder. `command`: the invocation that
     made it, recorded with the results. `resume`: the folder of a run that was cut short; its
     plan (family, methods, seeds, base, params) replaces the arguments, its finished trials are
-    kept (bench_folder.py; ResumeError on another device)."""
+    kept (bench_folder.py; ResumeError on another device). `on_folder` is called with the
+    results folder before the first trial runs."""
     if resume:
         folder = BenchFolder.resume(resume)
         params = Params.model_validate(folder.plan["params"])
@@ -372,6 +375,8 @@ def run_bench(family: str, params: Params, out_root: Path, *, seeds: int = 3, me
             "family": family, "methods": methods, "seeds": seeds,  # absolute: a resume may run from elsewhere
             "model_dir": model_dir and Path(model_dir).resolve(), "eval_kit": eval_kit and Path(eval_kit).resolve(),
             "device": device, "command": command, "params": params.model_dump(mode="json")})
+    if on_folder:
+        on_folder(folder.path)
     plan = folder.plan
     family, methods, seeds = plan["family"], plan["methods"], plan["seeds"]
     run = diffusion_trials if family == "diffusion" else llm_trials

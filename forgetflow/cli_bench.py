@@ -47,12 +47,23 @@ def bench(ctx: typer.Context,
     chosen = [m.strip() for m in methods.split(",")] if methods else None
     tracking = cli._guard(cli._connect, o)[1].mlflow_uri if mlflow else None
     params = cli.load_params(o.params_path, preset=o.preset)
+    started: list[Path] = []
+
+    def announce(folder: Path) -> None:
+        started.append(folder)
+        cli.console.print(f"bench folder: {folder} (if cut short: forgetflow bench --resume {folder})", soft_wrap=True)
+        sys.stdout.flush()  # a kill (not an interrupt) must still find the line in a redirected log
+
     for fam in families:
         picked = [m for m in chosen if m in methods_of(fam)] if chosen and len(families) > 1 else chosen
         try:
             folder = run_bench(fam, params, out, seeds=seeds, methods=picked, model_dir=model_dir, eval_kit=eval_kit,
-                               tracking_uri=tracking, command=shlex.join(["forgetflow", *sys.argv[1:]]), resume=resume)
+                               tracking_uri=tracking, command=shlex.join(["forgetflow", *sys.argv[1:]]), resume=resume,
+                               on_folder=announce)
         except ValueError as exc:
             cli._fail(str(exc))
+        except KeyboardInterrupt:
+            cli._fail(f"interrupted; the finished trials are kept: forgetflow bench --resume {started[-1]}"
+                      if started else "interrupted before the bench folder was made", code=130)
         cli.console.print((folder / "results.md").read_text(), markup=False, highlight=False)
         cli.console.print(f"results: {folder}/results.json, results.md, tradeoff.png, seconds.png", soft_wrap=True)

@@ -107,6 +107,7 @@ def test_llm_bench_on_your_own_model_killed_and_resumed(services, support_llm, t
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     (folder,) = results.iterdir()
+    assert f"forgetflow bench --resume {folder}" in log.read_text().replace("\n", "")  # said at the start
     assert not (folder / "results.json").exists()
     kept = (folder / TRIALS).read_text()
     first = json.loads(kept.splitlines()[0])
