@@ -74,8 +74,10 @@ class BenchFolder:
         return out
 
     def record(self, trial: dict) -> None:
-        with (self.path / TRIALS).open("a") as f:
-            f.write(json.dumps(trial, default=str) + "\n")
+        path = self.path / TRIALS
+        torn = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+        with path.open("a") as f:
+            f.write(("\n" if torn else "") + json.dumps(trial, default=str) + "\n")  # never glued to a torn line
             f.flush()
             os.fsync(f.fileno())
 

@@ -2,7 +2,6 @@
 (forgetflow/bench.py); a table, a JSON file and plots per family, and MLflow runs."""
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -26,15 +25,16 @@ def bench(ctx: typer.Context,
     utility, wall-clock, peak memory and sampling cost, mean ± sd over --seeds."""
     from forgetflow import cli
     from forgetflow.bench import methods_of, run_bench
-    from forgetflow.bench_folder import PLAN
+    from forgetflow.bench_folder import BenchFolder, ResumeError
 
     o = cli._opts(ctx)
     if resume is not None:
         if seeds or methods or model_dir or eval_kit:
             cli._fail("--resume runs the folder's own plan: drop --seeds, --methods, --model-dir and --eval-kit")
-        if not (resume / PLAN).is_file():
-            cli._fail(f"--resume {resume}: not a bench results folder (no {PLAN})")
-        planned = json.loads((resume / PLAN).read_text())["family"]
+        try:
+            planned = BenchFolder.resume(resume).plan["family"]
+        except ResumeError as exc:
+            cli._fail(str(exc))
         if family not in ("all", planned):
             cli._fail(f"--resume {resume} is a {planned} bench, not {family}")
         family = planned

@@ -15,6 +15,8 @@ def test_finished_trials_survive_a_torn_last_line(tmp_path):
     with (folder.path / TRIALS).open("a") as f:
         f.write('{"method": "a", "seed": 1, "unlea')  # killed mid-write
     assert folder.finished() == {("a", 0): {"method": "a", "seed": 0, "unlearn_s": 1.5}}
+    folder.record({"method": "a", "seed": 1, "unlearn_s": 2.5})  # the resumed run's, on a line of its own
+    assert folder.finished()[("a", 1)] == {"method": "a", "seed": 1, "unlearn_s": 2.5}
 
 
 def test_a_setup_step_is_built_once_and_its_seconds_are_kept(tmp_path):
