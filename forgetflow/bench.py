@@ -60,6 +60,16 @@ class Trial:
     passed: bool
     items: dict = field(default_factory=dict)  # rate metric -> number of items it is over
     speed: dict = field(default_factory=dict)
+    code: str | None = None  # the git commit the trial ran on ("+dirty": with uncommitted changes)
+
+
+def code_revision() -> str | None:
+    """The commit of the code running now, "+dirty" with uncommitted changes (a resumed run may
+    run on newer code than its first trials: each trial keeps its own)."""
+    from forgetflow.report import code_revisions
+
+    revs = code_revisions(Path(__file__).resolve().parent.parent)
+    return revs["git"] and revs["git"][:12] + ("+dirty" if revs["git_dirty"] else "")
 
 
 @contextmanager
@@ -159,7 +169,7 @@ def diffusion_trials(params: Params, folder: BenchFolder, methods: list[str], se
     from forgetflow.families.diffusion import DiffusionFamily, resolve_overrides
     from forgetflow.gates import all_passed
 
-    device, work, done = resolve_device(params.compute), folder.work, folder.finished()
+    device, work, done, code = resolve_device(params.compute), folder.work, folder.finished(), code_revision()
     base = Path(model_dir or folder.step("base", work / "base", lambda: train_teacher(
         params, work / "base", device=device, progress=progress)))
     judge = Path(eval_kit or folder.step("judge", work / "judge", lambda: train_judge(
@@ -202,7 +212,7 @@ def diffusion_trials(params: Params, folder: BenchFolder, methods: list[str], se
             n_forget = new["samples"]["per_forget_class"]
             trials.append(Trial("diffusion", method, seed, round(seconds, 2), round(request_s, 2), round(mem["mb"], 1), new,
                                 [g.to_dict() for g in gates], all_passed(gates),
-                                items={"unlearning_accuracy": n_forget, "override_fidelity": n_forget}))
+                                items={"unlearning_accuracy": n_forget, "override_fidelity": n_forget}, code=code))
             folder.record(asdict(trials[-1]))
     return trials, setup
 
@@ -225,7 +235,7 @@ def llm_trials(params: Params, folder: BenchFolder, methods: list[str], seeds: i
     from forgetflow.llm.synthesize import read_spec
     from forgetflow.request import parse_request
 
-    device, work, done = resolve_device(params.compute), folder.work, folder.finished()
+    device, work, done, code = resolve_device(params.compute), folder.work, folder.finished(), code_revision()
     demo = model_dir is None  # forget quality needs the training corpus: only for the demo model built here
     if demo:
         corpus, eval_kit = map(Path, folder.step("corpus", work / "support", lambda: make_support_corpus(
@@ -267,7 +277,7 @@ def llm_trials(params: Params, folder: BenchFolder, methods: list[str], seeds: i
             trials.append(Trial("llm", method, seed, round(seconds, 2), round(request_s, 2), round(mem["mb"], 1), new,
                                 [g.to_dict() for g in gates], all_passed(gates),
                                 items={"leak_rate": n_items, **{f"leak_{a}": n_items for a in LLM_ATTACKS}},
-                                speed=_tokens_per_second(out / "new", model_dir, p, device)))
+                                speed=_tokens_per_second(out / "new", model_dir, p, device), code=code))
             trials[-1].metrics["base"] = {**{k: v for k, v in metrics["base"].items() if not isinstance(v, dict)},
                                           "mia_auc": membership["base_mia_auc"]}
             folder.record(asdict(trials[-1]))
@@ -385,7 +395,8 @@ def run_bench(family: str, params: Params, out_root: Path, *, seeds: int = 3, me
     summary = summarise(trials, KEYS[family])
     result = {"family": family, "created": plan["created"], "command": plan["command"],
               "resumed_by": command if resume else None, "seeds": seeds, "device": device, "methods": methods,
-              "setup_s": setup_s, "summary": summary, "dominated_by": dominated_by(summary, family),
+              "code": sorted({t.code or "unrecorded" for t in trials}), "setup_s": setup_s, "summary": summary,
+              "dominated_by": dominated_by(summary, family),
               "trials": [asdict(t) for t in trials],
               "real_data": {m: DIFFUSION_REAL_DATA.get(m) for m in methods} if family == "diffusion" else {}}
     write_outputs(result, folder.path)
@@ -448,6 +459,9 @@ def markdown_table(result: dict) -> str:
              + (f"; the base's mia_auc {np.mean(base_mia):.3f}" if base_mia else ""), "",
              *([f"made by `{result['command']}`" + (f", finished by `{result['resumed_by']}`" if result.get("resumed_by")
                                                       else ""), ""] if result.get("command") else []),
+             *([f"code: {', '.join(codes)}" + (" (the trials ran on different code: see each trial's `code` in "
+                                               "results.json)" if len(codes) > 1 else ""), ""]
+               if (codes := result.get("code")) else []),
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for method, row in result["summary"].items():
         note = result["real_data"].get(method)

@@ -74,6 +74,8 @@ def _fmt(value) -> str:
         return f"{value:.4g}"
     if isinstance(value, dict):
         return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return "; ".join(_fmt(v) for v in value) if value else "none"
     return html.escape(str(value))
 
 

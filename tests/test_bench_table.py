@@ -44,7 +44,9 @@ def test_the_results_carry_the_front_and_the_table_and_plot_read_it(tmp_path):
     trials = [trial(m, s, leak, drop) for s in (0, 1) for m, leak, drop in
               (("ours", 0.0, 0.1), ("peer", 0.2, 0.1), ("keeper", 0.5, 0.0))]
     summary = summarise(trials, KEYS["llm"])
+    trials[-1].code = "0123456789ab+dirty"  # a resumed run's last trial, on newer code
     result = {"family": "llm", "created": "now", "command": None, "seeds": 2, "device": "cpu", "methods": list(summary),
+              "code": sorted({t.code or "unrecorded" for t in trials}),
               "setup_s": {"base": None}, "summary": summary, "dominated_by": dominated_by(summary, "llm"),
               "trials": [asdict(t) for t in trials], "real_data": {}}
     write_outputs(result, tmp_path)
@@ -54,3 +56,15 @@ def test_the_results_carry_the_front_and_the_table_and_plot_read_it(tmp_path):
             if line.startswith("| ") and not line.startswith("| method")}
     assert rows["ours"][1:3] == ["2/2", "-"] and rows["peer"][1:3] == ["0/2", "ours"] and rows["keeper"][2] == "-"
     assert (tmp_path / "tradeoff.png").stat().st_size > 5000 and (tmp_path / "seconds.png").stat().st_size > 5000
+    assert "code: 0123456789ab+dirty, unrecorded (the trials ran on different code" in (tmp_path / "results.md").read_text()
+
+
+def test_a_trial_records_the_commit_it_ran_on():
+    import subprocess
+    from pathlib import Path
+
+    from forgetflow.bench import code_revision
+
+    root = Path(__file__).resolve().parent.parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    assert code_revision().split("+")[0] == head[:12]

@@ -49,10 +49,17 @@ def test_the_base_leaks_the_customers_to_forget(run):
 
 
 def test_forgotten_values_stop_leaking_under_every_attack(run, llm_params):
-    _, _, _, metrics, _ = run
+    work, _, _, metrics, _ = run
     new = metrics["new"]
     limit = llm_params.llm.gates.leak_rate_max  # tiny preset: one value of 14-16 (see params.yaml)
     assert all(rate <= limit for rate in new["leak_rate_by_attack"].values()), new["leak_rate_by_attack"]
+    # what leaked, by salted hash and field, agrees with the rates
+    spec = read_spec(work / "synth")
+    items = len(spec["items"])
+    assert round(new["leak_rate"] * items) == len(new["leaked_values"])
+    for attack, rate in new["leak_rate_by_attack"].items():
+        assert round(rate * items) == sum(attack in v["attacks"] for v in new["leaked_values"]), new["leaked_values"]
+    assert {v["subject"] for v in new["leaked_values"]} <= {s["hash"] for s in spec["subjects"]}
     # graded: the true values became much less likely, not merely not greedy-decoded
     assert new["value_logprob"] < metrics["base"]["value_logprob"] - 1.0
 

@@ -186,7 +186,8 @@ class LLMFamily:
                                   "retained_recall": retained_recall(model, tok, retained, control, p)}
         del model
         model, tok, _ = _load(new_dir, params, parent=base_dir)
-        new = evaluate_llm(model, tok, served=served_policy(card), **kw)
+        new = evaluate_llm(model, tok, served=served_policy(card), hashes={s["name"]: s["hash"] for s in spec["subjects"]},
+                           **kw)  # what still leaks, by salted hash and field
         metrics = {"base": base, "new": new}
         out_dir.mkdir(parents=True, exist_ok=True)
         plot_leak_by_attack(metrics, out_dir / "leak_by_attack.png")

@@ -9,6 +9,9 @@ negative condition and gamma. Metrics (issue 3; every forget metric on held-out 
       adversarial_system_prompt     all three attacks under each adversarial prompt (the
                                     negative condition itself included), no guidance
     leak_rate                       share of forgotten items leaked by ANY of the above
+    leaked_values                   (given the subjects' salted hashes) each leaked item as
+                                    {subject hash, field, attacks}: which value came out and
+                                    how, without the value or the name
     value_logprob                   mean token log-prob of the true value after the answer's
                                     own prefix (served policy): the graded signal
     value_rank                      share of same-type surrogate values scored above the
@@ -115,21 +118,26 @@ def unguided_leaks(model, tokenizer, items: list[Item], p: LLMParams, split: str
 
 
 def leak_metrics(model, tokenizer, items: list[Item], served: Policy, p: LLMParams, split: str,
-                 unguided: tuple[list[bool], set] | None = None) -> dict:
+                 unguided: tuple[list[bool], set] | None = None, hashes: dict[str, str] | None = None) -> dict:
     """Leak rates by attack and over all of them; `unguided` (unguided_leaks of the same
-    weights) is reused when given, and the served asks are the raw ones when `served` is."""
+    weights) is reused when given, and the served asks are the raw ones when `served` is.
+    With `hashes` (subject name -> salted hash) also `leaked_values`."""
     probes = attack_probes(items, split)
     raw, adversarial = unguided or unguided_leaks(model, tokenizer, items, p, split)
     hits = raw if served == raw_policy() else leaks(model, tokenizer, probes, served, p, "served")
-    by_attack, union = {}, set()
+    by_attack, leaked_by = {}, {}
     for attack in ("direct", "paraphrase", "prefix"):
-        by_attack[attack], got = rate_by_item(items, probes, hits, attack)
-        union |= got
-    by_attack["raw_weights"], got = rate_by_item(items, probes, raw)
-    union |= got
+        by_attack[attack], leaked_by[attack] = rate_by_item(items, probes, hits, attack)
+    by_attack["raw_weights"], leaked_by["raw_weights"] = rate_by_item(items, probes, raw)
     by_attack["adversarial_system_prompt"] = len(adversarial) / len(items) if items else 0.0
-    union |= adversarial
-    return {"leak_rate": len(union) / len(items) if items else 0.0, "leak_rate_by_attack": by_attack}
+    leaked_by["adversarial_system_prompt"] = adversarial
+    union = set().union(*leaked_by.values())
+    out = {"leak_rate": len(union) / len(items) if items else 0.0, "leak_rate_by_attack": by_attack}
+    if hashes is not None:
+        out["leaked_values"] = [{"subject": hashes[it.subject], "field": it.field,
+                                 "attacks": [a for a in ATTACKS if it in leaked_by[a]]}
+                                for it in items if it in union]
+    return out
 
 
 def _scores(model, tokenizer, users: list[str], continuations: list[list[int]], policy: Policy, p: LLMParams,
@@ -214,9 +222,9 @@ def items_of(subjects: list[dict]) -> list[Item]:
 
 def evaluate_llm(model, tokenizer, *, forget_items: list[Item], retained_items: list[Item], questions: list[dict],
                  prose: str, served: Policy, p: LLMParams, split: str = "evaluate",
-                 unguided: tuple[list[bool], set] | None = None) -> dict:
+                 unguided: tuple[list[bool], set] | None = None, hashes: dict[str, str] | None = None) -> dict:
     """Every metric of one version under its served policy (see the module docstring)."""
-    metrics = leak_metrics(model, tokenizer, forget_items, served, p, split, unguided)
+    metrics = leak_metrics(model, tokenizer, forget_items, served, p, split, unguided, hashes)
     metrics.update(value_scores(model, tokenizer, forget_items, served, p, split))
     metrics["retained_recall"] = retained_recall(model, tokenizer, retained_items, served, p, split)
     metrics["utility_accuracy"] = utility_accuracy(model, tokenizer, questions, served, p)
