@@ -364,17 +364,21 @@ def methods_of(family: str) -> list[str]:
 def run_bench(family: str, params: Params, out_root: Path, *, seeds: int = 3, methods: list[str] | None = None,
               model_dir: Path | None = None, eval_kit: Path | None = None, tracking_uri: str | None = None,
               progress: bool = True, command: str | None = None, resume: Path | None = None,
-              on_folder: Callable[[Path], None] | None = None) -> Path:
+              rerun: list[str] | None = None, on_folder: Callable[[Path], None] | None = None) -> Path:
     """Run the bench of one family; returns the results folder. `command`: the invocation that
     made it, recorded with the results. `resume`: the folder of a run that was cut short; its
     plan (family, methods, seeds, base, params) replaces the arguments, its finished trials are
-    kept (bench_folder.py; ResumeError on another device). `on_folder` is called with the
-    results folder before the first trial runs."""
+    kept (bench_folder.py; ResumeError on another device), except those of the `rerun` methods,
+    which are set aside and run again. `on_folder` is called with the results folder before the
+    first trial runs."""
     if resume:
         folder = BenchFolder.resume(resume)
         params = Params.model_validate(folder.plan["params"])
         device = device_name(params)
         folder.check_device(device)
+        folder.supersede(rerun or [])
+    elif rerun:
+        raise ValueError("--rerun goes with --resume (a new run runs every trial anyway)")
     else:
         device = device_name(params)
         known = methods_of(family)
@@ -397,6 +401,7 @@ def run_bench(family: str, params: Params, out_root: Path, *, seeds: int = 3, me
               "resumed_by": command if resume else None, "seeds": seeds, "device": device, "methods": methods,
               "code": sorted({t.code or "unrecorded" for t in trials}), "setup_s": setup_s, "summary": summary,
               "dominated_by": dominated_by(summary, family),
+              "superseded": [{k: t.get(k) for k in ("method", "seed", "code", "superseded")} for t in folder.superseded()],
               "trials": [asdict(t) for t in trials],
               "real_data": {m: DIFFUSION_REAL_DATA.get(m) for m in methods} if family == "diffusion" else {}}
     write_outputs(result, folder.path)
@@ -462,6 +467,8 @@ def markdown_table(result: dict) -> str:
              *([f"code: {', '.join(codes)}" + (" (the trials ran on different code: see each trial's `code` in "
                                                "results.json)" if len(codes) > 1 else ""), ""]
                if (codes := result.get("code")) else []),
+             *([f"rerun: {len(gone)} earlier trial(s) of {', '.join(sorted({t['method'] for t in gone}))} set aside "
+                "(trials.superseded.jsonl)", ""] if (gone := result.get("superseded")) else []),
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for method, row in result["summary"].items():
         note = result["real_data"].get(method)

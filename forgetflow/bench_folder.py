@@ -4,13 +4,16 @@
         plan.json      what the run measures: family, methods, seeds, base (model_dir, eval_kit),
                        device, command, and the whole validated params
         trials.jsonl   one line per finished trial (method, seed), appended as each ends
+        trials.superseded.jsonl  trials a resume was told to run again (`--rerun`), kept apart
         work/setup.json  each built setup step (the demo base, its judge or reference model, the
                        serving version): its result and the seconds it took
         work/          the built models and every trial's versions
 
 `forgetflow bench --resume <folder>` runs the plan with its own params, refuses a device other
 than its (the trials would not compare), keeps the finished trials and the built steps, and
-runs the rest. A step or trial cut short is built again from an empty folder.
+runs the rest. A step or trial cut short is built again from an empty folder. `--rerun
+METHODS` first sets those methods' finished trials aside (e.g. after a fix to one method), so
+they run again on the code of now; each trial records the commit it ran on.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-PLAN, TRIALS, SETUP = "plan.json", "trials.jsonl", "setup.json"
+PLAN, TRIALS, SUPERSEDED, SETUP = "plan.json", "trials.jsonl", "trials.superseded.jsonl", "setup.json"
 
 
 class ResumeError(ValueError):
@@ -73,6 +76,31 @@ class BenchFolder:
             out[(trial["method"], trial["seed"])] = trial
         return out
 
+    def superseded(self) -> list[dict]:
+        path = self.path / SUPERSEDED
+        return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+    def supersede(self, methods: list[str]) -> list[tuple[str, int]]:
+        """Set the finished trials of `methods` aside (appended to trials.superseded.jsonl, their
+        work folders removed) so that the run does them again; the (method, seed) pairs moved.
+        ResumeError for a method the plan does not run."""
+        if unknown := [m for m in methods if m not in self.plan["methods"]]:
+            raise ResumeError(f"--rerun {', '.join(unknown)}: not a method of this run ({', '.join(self.plan['methods'])})")
+        done = self.finished()
+        moved = [key for key in done if key[0] in methods]
+        with (self.path / SUPERSEDED).open("a") as f:
+            for key in moved:
+                f.write(json.dumps({**done[key], "superseded": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")},
+                                   default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        kept = self.path / (TRIALS + ".tmp")  # the trials left, swapped in whole: a kill keeps one or the other
+        kept.write_text("".join(json.dumps(t, default=str) + "\n" for key, t in done.items() if key not in moved))
+        os.replace(kept, self.path / TRIALS)
+        for method, seed in moved:
+            shutil.rmtree(self._trial_path(method, seed), ignore_errors=True)
+        return moved
+
     def record(self, trial: dict) -> None:
         path = self.path / TRIALS
         torn = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
@@ -83,9 +111,12 @@ class BenchFolder:
 
     def trial_dir(self, method: str, seed: int) -> Path:
         """An empty folder for the trial (what a killed attempt left in it is removed)."""
-        out = self.work / f"{method}-seed{seed}"
+        out = self._trial_path(method, seed)
         shutil.rmtree(out, ignore_errors=True)
         return out
+
+    def _trial_path(self, method: str, seed: int) -> Path:
+        return self.work / f"{method}-seed{seed}"
 
     def step(self, name: str, folder: Path, build: Callable[[], Any]) -> Any:
         """build()'s result (JSON-able: paths come back as strings on a resumed run), built into

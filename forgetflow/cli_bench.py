@@ -20,7 +20,9 @@ def bench(ctx: typer.Context,
           mlflow: bool = typer.Option(True, help="Log a parent run and a child run per method and seed to MLflow."),
           resume: Path = typer.Option(None, help="Finish a run that was cut short: its results folder. Its own "
                                       "plan (family, methods, seeds, base, params) is run; finished trials "
-                                      "are kept.")):
+                                      "are kept."),
+          rerun: str = typer.Option(None, help="With --resume: comma-separated methods whose finished trials run "
+                                    "again (set aside in trials.superseded.jsonl), e.g. after a fix to one method.")):
     """Run every method (or --methods) of a family on the same base and request: forgetting,
     utility, wall-clock, peak memory and sampling cost, mean ± sd over --seeds."""
     from forgetflow import cli
@@ -28,6 +30,8 @@ def bench(ctx: typer.Context,
     from forgetflow.bench_folder import BenchFolder, ResumeError
 
     o = cli._opts(ctx)
+    if rerun and resume is None:
+        cli._fail("--rerun goes with --resume FOLDER (a new run runs every trial anyway)")
     if resume is not None:
         if seeds or methods or model_dir or eval_kit:
             cli._fail("--resume runs the folder's own plan: drop --seeds, --methods, --model-dir and --eval-kit")
@@ -59,7 +63,7 @@ def bench(ctx: typer.Context,
         try:
             folder = run_bench(fam, params, out, seeds=seeds, methods=picked, model_dir=model_dir, eval_kit=eval_kit,
                                tracking_uri=tracking, command=shlex.join(["forgetflow", *sys.argv[1:]]), resume=resume,
-                               on_folder=announce)
+                               rerun=[m.strip() for m in rerun.split(",")] if rerun else None, on_folder=announce)
         except ValueError as exc:
             cli._fail(str(exc))
         except KeyboardInterrupt:

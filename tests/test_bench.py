@@ -134,3 +134,12 @@ def test_llm_bench_on_your_own_model_killed_and_resumed(services, support_llm, t
     # the plan is the folder's: a resume that asks for other seeds, or another family, is refused
     refused = forgetflow(tmp_path, state_dir, "bench", "--resume", str(folder), "--seeds", "3", "--no-mlflow")
     assert refused.returncode == 1 and "drop --seeds" in refused.stderr
+    assert forgetflow(tmp_path, state_dir, "bench", "--rerun", "grad-ascent").returncode == 1  # needs --resume
+
+    # a fix to one method: --rerun runs its trials again and keeps the others' as they were
+    rerun = forgetflow(tmp_path, state_dir, "bench", "--resume", str(folder), "--rerun", "control-phrase", "--no-mlflow")
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    again = json.loads((folder / "results.json").read_text())
+    assert again["trials"][0] == first and (folder / "work" / "grad-ascent-seed0").stat().st_mtime_ns == stamp
+    assert [(t["method"], t["seed"]) for t in again["superseded"]] == [("control-phrase", 0)]
+    assert again["trials"][1]["code"] and "rerun: 1 earlier trial(s) of control-phrase" in (folder / "results.md").read_text()

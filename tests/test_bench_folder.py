@@ -44,3 +44,20 @@ def test_a_resume_on_another_device_or_of_no_bench_folder_is_refused(tmp_path):
         BenchFolder.resume(folder.path).check_device("NVIDIA H100")
     with pytest.raises(ResumeError, match="not a bench folder"):
         BenchFolder.resume(tmp_path)
+
+
+def test_rerun_sets_a_methods_trials_aside_and_keeps_the_others(tmp_path):
+    folder = BenchFolder.create(tmp_path, {"family": "llm", "methods": ["ours", "peer"], "seeds": 2, "device": "cpu",
+                                           "params": PARAMS})
+    for method in ("ours", "peer"):
+        for seed in (0, 1):
+            folder.trial_dir(method, seed).mkdir(parents=True)
+            folder.record({"method": method, "seed": seed, "code": "old"})
+    again = BenchFolder.resume(folder.path)
+    assert sorted(again.supersede(["ours"])) == [("ours", 0), ("ours", 1)]
+    assert sorted(again.finished()) == [("peer", 0), ("peer", 1)]
+    assert [(t["method"], t["seed"], t["code"]) for t in again.superseded()] == [("ours", 0, "old"), ("ours", 1, "old")]
+    assert not (again.work / "ours-seed0").exists() and (again.work / "peer-seed0").is_dir()
+    assert again.supersede(["ours"]) == []  # nothing left to set aside: a second resume keeps what the first ran
+    with pytest.raises(ResumeError, match="--rerun grad-ascent: not a method of this run"):
+        again.supersede(["grad-ascent"])

@@ -47,6 +47,7 @@ def test_the_results_carry_the_front_and_the_table_and_plot_read_it(tmp_path):
     trials[-1].code = "0123456789ab+dirty"  # a resumed run's last trial, on newer code
     result = {"family": "llm", "created": "now", "command": None, "seeds": 2, "device": "cpu", "methods": list(summary),
               "code": sorted({t.code or "unrecorded" for t in trials}),
+              "superseded": [{"method": "ours", "seed": 0, "code": "fedcba987654", "superseded": "then"}],
               "setup_s": {"base": None}, "summary": summary, "dominated_by": dominated_by(summary, "llm"),
               "trials": [asdict(t) for t in trials], "real_data": {}}
     write_outputs(result, tmp_path)
@@ -56,7 +57,9 @@ def test_the_results_carry_the_front_and_the_table_and_plot_read_it(tmp_path):
             if line.startswith("| ") and not line.startswith("| method")}
     assert rows["ours"][1:3] == ["2/2", "-"] and rows["peer"][1:3] == ["0/2", "ours"] and rows["keeper"][2] == "-"
     assert (tmp_path / "tradeoff.png").stat().st_size > 5000 and (tmp_path / "seconds.png").stat().st_size > 5000
-    assert "code: 0123456789ab+dirty, unrecorded (the trials ran on different code" in (tmp_path / "results.md").read_text()
+    table = (tmp_path / "results.md").read_text()
+    assert "code: 0123456789ab+dirty, unrecorded (the trials ran on different code" in table
+    assert "rerun: 1 earlier trial(s) of ours set aside (trials.superseded.jsonl)" in table
 
 
 def test_a_trial_records_the_commit_it_ran_on():
