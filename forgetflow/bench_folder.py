@@ -88,6 +88,8 @@ class BenchFolder:
             raise ResumeError(f"--rerun {', '.join(unknown)}: not a method of this run ({', '.join(self.plan['methods'])})")
         done = self.finished()
         moved = [key for key in done if key[0] in methods]
+        if not moved:
+            return []
         with (self.path / SUPERSEDED).open("a") as f:
             for key in moved:
                 f.write(json.dumps({**done[key], "superseded": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")},
