@@ -30,8 +30,6 @@ def bench(ctx: typer.Context,
     from forgetflow.bench_folder import BenchFolder, ResumeError
 
     o = cli._opts(ctx)
-    if rerun and resume is None:
-        cli._fail("--rerun goes with --resume FOLDER (a new run runs every trial anyway)")
     if resume is not None:
         if seeds or methods or model_dir or eval_kit:
             cli._fail("--resume runs the folder's own plan: drop --seeds, --methods, --model-dir and --eval-kit")
