@@ -437,15 +437,23 @@ def dominated_by(summary: dict, family: str) -> dict[str, list[str]]:
             for m, p in points.items()}
 
 
+def _num(x: float, digits: int) -> str:
+    """Fixed point; significant digits for a value that has blown up (a collapsed model's
+    perplexity reaches 1e39) or that fixed point would round to 0 (forget quality, a p-value)."""
+    if abs(x) >= 1e6 or 0 < abs(x) < 0.5 * 10 ** -digits:
+        return f"{x:.3g}" if abs(x) >= 1e6 else f"{x:.2g}"
+    return f"{x:.{digits}f}"
+
+
 def _cell(stat: dict | None, digits: int = 3) -> str:
     if not stat:
         return "n/a"
-    text = f"{stat['mean']:.{digits}f}"
+    text = _num(stat["mean"], digits)
     if stat.get("sd"):
-        text += f" ± {stat['sd']:.{digits}f}"
+        text += f" ± {_num(stat['sd'], digits)}"
     if stat.get("ci95"):
         lo, hi = stat["ci95"]
-        text += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+        text += f" [{_num(lo, digits)}, {_num(hi, digits)}]"
     return text
 
 

@@ -27,6 +27,15 @@ def test_higher_unlearning_accuracy_is_better_for_diffusion():
     assert dominated_by(summary, "diffusion") == {"sfd": [], "sid": ["sfd"]}
 
 
+def test_a_cell_prints_a_blown_up_or_tiny_value_in_significant_digits():
+    from forgetflow.bench import _cell
+
+    assert _cell({"mean": 1.4281934442701786e39, "sd": 0.0}) == "1.43e+39"  # a collapsed model's perplexity
+    assert _cell({"mean": 0.717, "sd": 0.02, "ci95": [0.5, 0.9]}) == "0.717 ± 0.020 [0.500, 0.900]"
+    assert _cell({"mean": 786.97, "sd": 0.0}, 1) == "787.0" and _cell(None) == "n/a"
+    assert _cell({"mean": 1.1965e-4, "sd": 0.0}) == "0.00012" and _cell({"mean": 0.0, "sd": 0.0}) == "0.000"
+
+
 def test_the_results_carry_the_front_and_the_table_and_plot_read_it(tmp_path):
     """write_outputs from trials: results.json holds the dominance computed once; the table
     prints it (- on the front); both plots are written."""
