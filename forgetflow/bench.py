@@ -15,7 +15,7 @@ bootstrap 95% interval (resampling n items with replacement from k hits is drawi
 Binomial(n, k/n), so the interval is that distribution's 2.5 / 97.5 percentiles divided by n),
 and the methods that dominate it on the family's trade-off axes (TRADEOFF).
 
-Writes <out>/<UTC timestamp>-<family>/{results.json, results.md, tradeoff.png, seconds.png};
+Writes <out>/<UTC timestamp>-<family>/{results.json, results.md, tradeoff.png, seconds.png, gamma.png};
 given a tracking URI, one MLflow parent run with a child run per method and seed. The folder
 also keeps each trial as it ends, so a run cut short resumes (bench_folder.py).
 """
@@ -61,6 +61,17 @@ class Trial:
     items: dict = field(default_factory=dict)  # rate metric -> number of items it is over
     speed: dict = field(default_factory=dict)
     code: str | None = None  # the git commit the trial ran on ("+dirty": with uncommitted changes)
+    curve: list[dict] = field(default_factory=list)  # the calibration sweep: GAMMA_AXIS per guidance scale
+
+
+# The forgetting metric the gamma plot draws from each trial's calibration sweep.
+GAMMA_AXIS = {"diffusion": "unlearning_accuracy", "llm": "served_leak_rate"}
+
+
+def gamma_curve(curve: list[dict], family: str) -> list[dict]:
+    """A calibration sweep as the bench keeps it: scale, space (LLM), the GAMMA_AXIS metric, passed."""
+    keep = ("guidance_scale", "guidance_space", GAMMA_AXIS[family], "passed")
+    return [{k: row[k] for k in keep if k in row} for row in curve]
 
 
 def code_revision() -> str | None:
@@ -203,8 +214,9 @@ def diffusion_trials(params: Params, folder: BenchFolder, methods: list[str], se
                     start_from = serving if serving and method in FROM_SERVING else base
                     get_method(method).unlearn(start_from, out, [pair], p, device=device, progress=progress)
             seconds = time.perf_counter() - start
+            curve = []
             if json.loads((out / "model_card.json").read_text())["kind"] == "one-step":  # a DDPM keeps its recipe's scale
-                calibrate_version(out, base, judge, [pair], p, device=device, cache_dir=cache)
+                curve = calibrate_version(out, base, judge, [pair], p, device=device, cache_dir=cache)[1]
             new = evaluate_version(out, judge, [pair], p, seed=ev.seed, device=device, cache_dir=cache)
             request_s = time.perf_counter() - start
             gates = diffusion_gates(base_metrics, new, p.diffusion.gates)
@@ -212,7 +224,8 @@ def diffusion_trials(params: Params, folder: BenchFolder, methods: list[str], se
             n_forget = new["samples"]["per_forget_class"]
             trials.append(Trial("diffusion", method, seed, round(seconds, 2), round(request_s, 2), round(mem["mb"], 1), new,
                                 [g.to_dict() for g in gates], all_passed(gates),
-                                items={"unlearning_accuracy": n_forget, "override_fidelity": n_forget}, code=code))
+                                items={"unlearning_accuracy": n_forget, "override_fidelity": n_forget}, code=code,
+                                curve=gamma_curve(curve, "diffusion")))
             folder.record(asdict(trials[-1]))
     return trials, setup
 
@@ -264,7 +277,7 @@ def llm_trials(params: Params, folder: BenchFolder, methods: list[str], seeds: i
                 family.unlearn(model_dir, out / "synth", out / "new", p, method=method, base_version="1",
                                checkpoints=None, progress=progress)
             seconds = time.perf_counter() - start
-            family.calibrate(model_dir, out / "new", out / "synth", eval_kit, p, out / "evaluation")
+            _, curve = family.calibrate(model_dir, out / "new", out / "synth", eval_kit, p, out / "evaluation")
             metrics = family.evaluate(model_dir, out / "new", out / "synth", eval_kit, p, out / "evaluation")
             request_s = time.perf_counter() - request_start
             gates = family.gates(metrics, p)
@@ -277,7 +290,8 @@ def llm_trials(params: Params, folder: BenchFolder, methods: list[str], seeds: i
             trials.append(Trial("llm", method, seed, round(seconds, 2), round(request_s, 2), round(mem["mb"], 1), new,
                                 [g.to_dict() for g in gates], all_passed(gates),
                                 items={"leak_rate": n_items, **{f"leak_{a}": n_items for a in LLM_ATTACKS}},
-                                speed=_tokens_per_second(out / "new", model_dir, p, device), code=code))
+                                speed=_tokens_per_second(out / "new", model_dir, p, device), code=code,
+                                curve=gamma_curve(curve, "llm")))
             trials[-1].metrics["base"] = {**{k: v for k, v in metrics["base"].items() if not isinstance(v, dict)},
                                           "mia_auc": membership["base_mia_auc"]}
             folder.record(asdict(trials[-1]))
@@ -491,7 +505,9 @@ def markdown_table(result: dict) -> str:
 
 
 def plot_bench(result: dict, out: Path) -> None:
-    """tradeoff.png: forgetting vs utility per method (mean, sd bars); seconds.png: unlearning time."""
+    """tradeoff.png: forgetting vs utility per method (mean, sd bars); seconds.png: unlearning
+    time; gamma.png: each method's calibration sweep (seed 0), its forgetting metric against the
+    guidance scale, a failed scale as x (none for trials run before the sweep was kept)."""
     from matplotlib.figure import Figure
 
     fx, fy = (("remaining_accuracy_drop", "unlearning_accuracy") if result["family"] == "diffusion"
@@ -523,6 +539,31 @@ def plot_bench(result: dict, out: Path) -> None:
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     fig.tight_layout()
     fig.savefig(out / "seconds.png")
+    curves = {t["method"]: t["curve"] for t in result["trials"] if t.get("curve") and t["seed"] == 0}
+    if curves:
+        _plot_gamma(curves, GAMMA_AXIS[result["family"]], out / "gamma.png")
+
+
+def _plot_gamma(curves: dict[str, list[dict]], axis: str, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
+    for method, rows in curves.items():
+        for space in dict.fromkeys(r.get("guidance_space") for r in rows):
+            line = sorted((r for r in rows if r.get("guidance_space") in (space, None) or r["guidance_scale"] == 1.0),
+                          key=lambda r: r["guidance_scale"])
+            xs, ys = [r["guidance_scale"] for r in line], [r[axis] for r in line]
+            drawn, = ax.plot(xs, ys, "-o", ms=3, label=f"{method} ({space})" if space else method)
+            failed = [(x, y) for x, y, r in zip(xs, ys, line) if not r["passed"]]
+            if failed:
+                ax.scatter(*zip(*failed), marker="x", color=drawn.get_color(), s=40, zorder=3)
+    ax.set_xlabel("guidance scale")
+    ax.set_ylabel(axis)
+    ax.set_title("calibration sweep per method (x: the scale failed a gate)", fontsize=9)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def log_to_mlflow(result: dict, out: Path, tracking_uri: str) -> str:
@@ -547,7 +588,8 @@ def log_to_mlflow(result: dict, out: Path, tracking_uri: str) -> str:
             if value is not None and np.isfinite(value):
                 client.log_metric(child, key, float(value))
         client.set_terminated(child)
-    for name in ("results.json", "results.md", "tradeoff.png", "seconds.png"):
-        client.log_artifact(parent, str(out / name))
+    for name in ("results.json", "results.md", "tradeoff.png", "seconds.png", "gamma.png"):
+        if (out / name).exists():
+            client.log_artifact(parent, str(out / name))
     client.set_terminated(parent)
     return parent

@@ -68,4 +68,4 @@ def bench(ctx: typer.Context,
             cli._fail(f"interrupted; the finished trials are kept: forgetflow bench --resume {started[-1]}"
                       if started else "interrupted before the bench folder was made", code=130)
         cli.console.print((folder / "results.md").read_text(), markup=False, highlight=False)
-        cli.console.print(f"results: {folder}/results.json, results.md, tradeoff.png, seconds.png", soft_wrap=True)
+        cli.console.print(f"results: {folder}/results.json, results.md, tradeoff.png, seconds.png, gamma.png", soft_wrap=True)

@@ -53,6 +53,10 @@ def bench(workdir: Path, state_dir: Path, *args: str) -> dict:
     command = " ".join(["forgetflow", "--preset", "tiny", "--params", str(small_params(workdir)), "bench", "--out", str(workdir / "results"), *args])
     assert result["command"] == command and f"made by `{command}`" in (folder / "results.md").read_text()
     assert (folder / "tradeoff.png").stat().st_size > 5000 and (folder / "seconds.png").stat().st_size > 5000
+    # the gamma plot: every calibrated trial keeps its sweep, each row gated
+    curves = [t["curve"] for t in result["trials"] if t["curve"]]
+    assert curves and all(isinstance(row["passed"], bool) for c in curves for row in c)
+    assert (folder / "gamma.png").stat().st_size > 5000
     return {"result": result, "table": (folder / "results.md").read_text(), "stdout": out.stdout}
 
 
@@ -62,7 +66,7 @@ def mlflow_children(services, result: dict) -> list:
     parents = client.search_runs([exp.experiment_id],
                                  f"attributes.run_name = 'bench-{result['family']}-{result['created']}'")
     assert len(parents) == 1
-    assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} >= {"results.json", "results.md"}
+    assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} >= {"results.json", "results.md", "gamma.png"}
     return client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
 
 

@@ -47,8 +47,11 @@ def test_the_results_carry_the_front_and_the_table_and_plot_read_it(tmp_path):
     def trial(method, seed, leak, recall_drop):
         metrics = {"leak_rate": leak, "retained_recall_drop": recall_drop, "utility_accuracy_drop": 0.0,
                    "perplexity_ratio": 1.0}
+        curve = [{"guidance_scale": 1.0, "guidance_space": "log", "served_leak_rate": leak + 0.1, "passed": False},
+                 {"guidance_scale": 2.0, "guidance_space": "log", "served_leak_rate": leak, "passed": leak == 0.0},
+                 {"guidance_scale": 2.0, "guidance_space": "prob", "served_leak_rate": leak, "passed": False}]
         return Trial("llm", method, seed, 10.0 + seed, 20.0 + seed, 500.0, metrics, [], leak == 0.0,
-                     items={"leak_rate": 16}, speed={})
+                     items={"leak_rate": 16}, speed={}, curve=curve)
 
     trials = [trial(m, s, leak, drop) for s in (0, 1) for m, leak, drop in
               (("ours", 0.0, 0.1), ("peer", 0.2, 0.1), ("keeper", 0.5, 0.0))]
@@ -66,6 +69,7 @@ def test_the_results_carry_the_front_and_the_table_and_plot_read_it(tmp_path):
             if line.startswith("| ") and not line.startswith("| method")}
     assert rows["ours"][1:3] == ["2/2", "-"] and rows["peer"][1:3] == ["0/2", "ours"] and rows["keeper"][2] == "-"
     assert (tmp_path / "tradeoff.png").stat().st_size > 5000 and (tmp_path / "seconds.png").stat().st_size > 5000
+    assert (tmp_path / "gamma.png").stat().st_size > 5000
     table = (tmp_path / "results.md").read_text()
     assert "code: 0123456789ab+dirty, unrecorded (the trials ran on different code" in table
     assert "rerun: 1 earlier trial(s) of ours set aside (trials.superseded.jsonl)" in table
