@@ -121,9 +121,11 @@ version {esc(str(report['base_version']))} &rarr; {esc(str(report['new_version']
 def _asked(report: dict, certificate: dict | None) -> str:
     forgotten = (certificate or {}).get("forgotten") or []
     if report.get("family") == "diffusion" and forgotten and "concept" in forgotten[0]:
-        concepts = sorted({(f["concept"], f["override"]) for f in forgotten})
-        drawn = ", ".join(f"\u201c{html.escape(c)}\u201d (drawn as \u201c{html.escape(o)}\u201d instead)" for c, o in concepts)
-        return f"Stop generating {drawn}, over {len(forgotten)} prompts and their paraphrases."
+        drawn = ", ".join(f"{html.escape(f['concept'])} (drawn as \u201c{html.escape(f['override'])}\u201d instead)"
+                          for f in forgotten)
+        what = "1 concept" if len(forgotten) == 1 else f"{len(forgotten)} concepts"
+        return (f"Stop generating {what}, shown here only as salted hashes: {drawn}; over every prompt "
+                f"that names it and their paraphrases.")
     if report.get("family") == "diffusion" and forgotten:
         pairs = ", ".join(f"class {p['forget_class']} (drawn as {p['override_class']} instead)" for p in forgotten)
         return f"Stop generating {pairs}."

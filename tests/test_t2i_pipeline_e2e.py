@@ -8,14 +8,16 @@ eight wherever a prompt says "seven", paraphrases it never trained on included (
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from forgetflow.diffusion.artifact import load_card
-from forgetflow.diffusion.concepts import build_prompt_forget
+from forgetflow.diffusion.concepts import build_prompt_forget, card_records, lineage_records, mentions
 from forgetflow.ledger import Ledger
+from forgetflow.llm.pii import subject_hash
 from forgetflow.registry import Registry
 from tests.cli import forgetflow
 from tests.diffusion_fixtures import t2i_judge_dir, t2i_teacher, tiny_params  # noqa: F401
@@ -90,18 +92,29 @@ def test_the_version_is_promoted_exactly_when_every_gate_passed(forgotten, regis
     promoted = all(g["passed"] for g in report["gates"])
     assert report["status"] == ("promoted" if promoted else "rejected")
     assert (Registry(services.mlflow_uri).alias_version(MODEL, "champion") == report["new_version"]) == promoted
-    if promoted:  # the certificate (promoted versions only) names what was forgotten, in plain words
+    if promoted:  # the certificate (promoted versions only) says what was forgotten: the concept by salted hash
         html = (workdir / "reports" / "forget-seven" / "report.html").read_text()
-        assert "Stop generating \u201cseven\u201d" in html
+        text = re.sub(r"data:[^\"']+", "", html)  # the embedded figures' base64
+        assert "Stop generating 1 concept" in text and subject_hash("seven", "forget-seven") in text
+        assert not mentions(text.replace("forget-seven", ""), ["seven"]) and "\u201ceight\u201d" in text
+        # re-verification gets the prompts back from the public vocabulary and re-measures them
+        again = forgetflow(workdir, state_dir, "certificate", "reverify", "forget-seven")
+        result = json.loads(next((workdir / "reports" / "forget-seven").glob("reverify-*.json")).read_text())
+        assert again.returncode == (0 if result["honoured"] else 1), again.stderr[-2000:]
+        measured = {g["name"]: g["value"] for g in result["gates"]}
+        assert {"forget_rate", "paraphrase_forget_rate"} <= set(measured) <= {"forget_rate", "paraphrase_forget_rate",
+                                                                          "override_fidelity"}
+        assert measured["forget_rate"] <= 0.1
 
 
-def test_the_version_records_its_forgotten_prompts(forgotten, t2i_teacher):
+def test_the_version_records_its_forgotten_concept_by_salted_hash_only(forgotten, t2i_teacher):
     card = load_card(forgotten[1])
     assert card.kind == "one-step" and card.conditioning == "prompt" and card.vocabulary
-    assert {r["concept"] for r in card.forgotten} == {"seven"}
     expected = build_prompt_forget(load_card(t2i_teacher).vocabulary, "seven", "eight", forgotten=[])
-    assert sorted(card.forgotten_prompt_pairs) == sorted((r["forget_prompt"], r["override_prompt"])
-                                                          for r in expected.forget)
+    assert card.forgotten == card_records(expected.forget, "forget-seven")
+    assert not mentions(json.dumps(card.forgotten).replace("forget-seven", ""), ["seven"])  # the salt is the request id
+    # a later request gets the prompts back from the public vocabulary
+    assert lineage_records(card.forgotten, card.vocabulary) == expected.forget
 
 
 def test_consumers_draw_prompts_from_the_champion_through_its_pyfunc(forgotten, registered):
@@ -135,7 +148,7 @@ def test_a_version_that_fails_a_gate_is_registered_but_never_champion(forgotten,
 
 
 @pytest.mark.parametrize("request_id, target, message", [
-    ("unknown-concept", {"concept": "eleven"}, "concept 'eleven' is not in model"),
+    ("unknown-concept", {"concept": "eleven"}, "the request's concept is not in model"),
     ("prompts-miss-it", {"concept": "one", "forget_prompts": ["a handwritten nine"]}, "do not name the concept"),
 ])
 def test_bad_concept_requests_fail_cleanly_and_keep_the_champion(registered, services, request_id, target, message):
@@ -147,4 +160,5 @@ def test_bad_concept_requests_fail_cleanly_and_keep_the_champion(registered, ser
     assert message in out.stderr
     entry = Ledger(state_dir).get(request_id)
     assert entry.state == "failed" and message in entry.error
+    assert "eleven" not in out.stderr + entry.error  # errors never repeat the request's concept
     assert registry.alias_version(MODEL, "champion") == champion

@@ -11,10 +11,11 @@ import torch
 
 from forgetflow.diffusion import captions
 from forgetflow.diffusion.artifact import UNET_DIR, load_card, load_version
-from forgetflow.diffusion.concepts import (PromptForget, build_prompt_forget, mentions, paraphrase_prompts,
-                                           replace_concept)
+from forgetflow.diffusion.concepts import (PromptForget, build_prompt_forget, card_records, lineage_records, mentions,
+                                           paraphrase_prompts, prompts_digest, replace_concept)
 from forgetflow.diffusion.sampling import sample
 from forgetflow.families import TargetError
+from forgetflow.llm.pii import subject_hash
 from forgetflow.request import RequestError, parse_request
 from tests.diffusion_fixtures import tiny_params, with_overrides  # noqa: F401
 
@@ -63,6 +64,30 @@ def test_prompt_lists_that_miss_the_concept_or_leak_it_into_retain_are_refused()
         build_prompt_forget({}, "seven", "eight", forgotten=[])
 
 
+def test_a_card_records_a_concept_by_salted_hash_and_its_lineage_is_recomputed_from_the_vocabulary():
+    seven = build_prompt_forget(VOCAB, "seven", "eight", forgotten=[])
+    three = build_prompt_forget(VOCAB, "three", "five", forgotten=["seven"])
+    recorded = card_records(seven.forget, "req-1") + card_records(three.forget, "req-2")
+    assert [(r["salt"], r["override"]) for r in recorded] == [("req-1", "eight"), ("req-2", "five")]
+    assert recorded[0]["concept"] == subject_hash("seven", "req-1") != subject_hash("seven", "req-2")
+    text = json.dumps(recorded)
+    assert not any(mentions(text, words) for words in (["seven", "7"], ["three", "3"]))  # invariant 6
+    assert lineage_records(recorded, VOCAB) == seven.forget + three.forget
+    with pytest.raises(ValueError, match="salt"):
+        card_records(seven.forget, "")
+
+
+def test_a_lineage_the_vocabulary_cannot_give_back_is_refused_by_number_not_by_name():
+    outside = card_records([{"concept": "cat", "override": "dog", "forget_prompt": "a photo of a cat",
+                             "override_prompt": "a photo of a dog"}], "req-1")
+    with pytest.raises(TargetError, match="concept 1 of this lineage is not in the model's vocabulary") as error:
+        lineage_records(outside, VOCAB)
+    assert "cat" not in str(error.value)
+    listed = build_prompt_forget(VOCAB, "seven", "eight", forgotten=[], forget_prompts=["a handwritten seven"])
+    with pytest.raises(TargetError, match="prompts its request listed itself"):
+        lineage_records(card_records(listed.forget, "req-1"), VOCAB)
+
+
 def _tiny_sd_pipeline(directory: Path) -> Path:
     """A Stable-Diffusion pipeline directory of the real classes, tiny and random (as a user's
     would be saved by diffusers: no forgetflow model card)."""
@@ -106,12 +131,14 @@ def test_sfd_runs_on_a_stable_diffusion_shaped_pipeline_with_latents_and_checkpo
                             sampler={"num_inference_steps": 2})
     params = params.model_copy(update={"compute": params.compute.model_copy(update={"gradient_checkpointing": True})})
     forget = PromptForget(forget=[{"concept": "cat", "override": "dog", "forget_prompt": "a photo of a cat",
-                                   "override_prompt": "a photo of a dog"}], retain=["a handwritten one"])
+                                   "override_prompt": "a photo of a dog"}], retain=["a handwritten one"], salt="req-cat")
     out = SFD.unlearn(base, tmp_path / "new", forget, params, progress=False)
 
     new = load_version(out)
     assert new.card.kind == "one-step" and new.card.conditioning == "prompt"
-    assert new.card.forgotten_prompt_pairs == [("a photo of a cat", "a photo of a dog")]
+    assert new.card.forgotten == [{"concept": subject_hash("cat", "req-cat"), "salt": "req-cat", "override": "dog",
+                                   "prompts": prompts_digest(["a photo of a cat"], "req-cat")}]
+    assert "cat" not in (out / "model_card.json").read_text()  # the request's content stays in its sealed spec
     assert new.card.hyperparameters["lambda_f"] == 1.0  # the text-to-image recipe (sfd.prompt)
     assert (out / "teacher" / "vae").is_dir() and (out / "teacher" / "text_encoder").is_dir()
     assert new.vae is not None and new.sample_shape == (4, 8, 8)

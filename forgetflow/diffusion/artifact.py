@@ -64,7 +64,8 @@ class ModelCard:
     class_names: list[str]
     t_init: int | None = None
     sigma_init: float | None = None
-    # class: [{"forget_class", "override_class"}]; prompt: [{"concept", "override", "forget_prompt", "override_prompt"}]
+    # class: [{"forget_class", "override_class"}]; prompt: [{"concept", "salt", "override", "prompts"}], the
+    # concept a salted hash and its prompts a salted digest (concepts.py: no request content in clear)
     forgotten: list[dict] = field(default_factory=list)
     method: str | None = None
     hyperparameters: dict = field(default_factory=dict)
@@ -77,10 +78,6 @@ class ModelCard:
     @property
     def forgotten_pairs(self) -> list[tuple[int, int]]:
         return [(int(p["forget_class"]), int(p["override_class"])) for p in self.forgotten if "forget_class" in p]
-
-    @property
-    def forgotten_prompt_pairs(self) -> list[tuple[str, str]]:
-        return [(p["forget_prompt"], p["override_prompt"]) for p in self.forgotten if "forget_prompt" in p]
 
     @property
     def score_dir(self) -> str:

@@ -11,6 +11,18 @@ Without lists, prompts come from the model card's vocabulary:
     paraphrases (evaluation only, never trained on) = card paraphrases x {concept, its aliases}
 
 A model without a vocabulary (a pipeline a user brings) needs both lists in the request.
+
+A request's concept and prompts are its content (DESIGN invariant 6): they live in the sealed
+forget spec only. The model card records each forgotten concept as
+
+    {"concept": salted hash, "salt": request id, "override": the override phrase,
+     "prompts": salted digest of its forget prompts}
+
+(the override is what the model now draws: anyone can see it by prompting). A later request of
+the lineage, and the re-verification of a certificate, recompute the clear records in memory
+from the public vocabulary (`lineage_records`): the concept whose salted hash matches, and its
+template prompts, checked against the digest. Prompts a request listed itself cannot be
+recomputed, so a version that forgot them takes no further concept request (TargetError).
 """
 from __future__ import annotations
 
@@ -18,6 +30,7 @@ import re
 from dataclasses import dataclass, field
 
 from forgetflow.families import TargetError
+from forgetflow.llm.pii import subject_hash
 
 
 @dataclass(frozen=True)
@@ -27,13 +40,14 @@ class PromptForget:
 
     forget: list[dict]
     retain: list[str] = field(default_factory=list)
+    salt: str = ""  # the request id: what the card's hashes of these records are salted with
 
     def to_dict(self) -> dict:
-        return {"forget": self.forget, "retain": self.retain}
+        return {"forget": self.forget, "retain": self.retain, "salt": self.salt}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PromptForget":
-        return cls(forget=list(data["forget"]), retain=list(data["retain"]))
+        return cls(forget=list(data["forget"]), retain=list(data["retain"]), salt=data.get("salt", ""))
 
 
 def mentions(prompt: str, words: list[str]) -> bool:
@@ -110,5 +124,46 @@ def merge_prompt_records(previous: list[dict], new: list[dict]) -> list[dict]:
     merged.update({r["forget_prompt"]: r for r in new})
     for r in merged.values():
         if r["override_prompt"] in merged:
-            raise ValueError(f"an override prompt is itself a forget prompt (concept {r['concept']!r})")
+            raise ValueError("an override prompt is itself a forget prompt")
     return list(merged.values())
+
+
+def prompts_digest(prompts: list[str], salt: str) -> str:
+    return subject_hash("\n".join(sorted(prompts)), salt)
+
+
+def card_records(records: list[dict], salt: str) -> list[dict]:
+    """What a model card keeps of a request's forget records: one entry per concept, no
+    concept or prompt in clear (module docstring)."""
+    if records and not salt:
+        raise ValueError("a concept's card record needs its request's salt (PromptForget.salt)")
+    by_concept: dict[str, list[dict]] = {}
+    for r in records:
+        by_concept.setdefault(r["concept"], []).append(r)
+    return [{"concept": subject_hash(c, salt), "salt": salt, "override": rs[0]["override"],
+             "prompts": prompts_digest([r["forget_prompt"] for r in rs], salt)} for c, rs in by_concept.items()]
+
+
+def hashes_to(record: dict, text: str) -> bool:
+    """True if the card record's concept is `text` (its salted hash matches)."""
+    return subject_hash(text, record["salt"]) == record["concept"]
+
+
+def lineage_records(recorded: list[dict], vocabulary: dict) -> list[dict]:
+    """The clear forget records of every concept a card records, recomputed from the public
+    vocabulary (kept in memory and in sealed specs only). TargetError where the vocabulary
+    cannot give a concept or its prompts back."""
+    out = []
+    for i, record in enumerate(r for r in recorded if "concept" in r):
+        concept = next((c for c in vocabulary.get("concepts", []) if hashes_to(record, c)), None)
+        if concept is None:
+            raise TargetError(f"forgotten concept {i + 1} of this lineage is not in the model's vocabulary: it is "
+                              "kept only as a salted hash, so a later concept request cannot re-derive its prompts")
+        prompts = template_prompts(vocabulary, concept)
+        if prompts_digest(prompts, record["salt"]) != record["prompts"]:
+            raise TargetError(f"forgotten concept {i + 1} of this lineage was forgotten on prompts its request "
+                              "listed itself, kept only as a salted digest: a later concept request cannot re-derive them")
+        words = concept_words(vocabulary, concept)
+        out += [{"concept": concept, "override": record["override"], "forget_prompt": p,
+                 "override_prompt": replace_concept(p, words, record["override"])} for p in prompts]
+    return out

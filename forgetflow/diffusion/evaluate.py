@@ -158,18 +158,19 @@ def sample_grid(version_dir: Path, params: Params, *, seed: int, per_class: int 
 def _describe(version_dir: Path) -> str:
     card = load_card(version_dir)
     forgotten = ", ".join(f"{f}->{'random' if o == RANDOM_OVERRIDE else o}" for f, o in card.forgotten_pairs)
-    concepts = {(r["concept"], r["override"]) for r in card.forgotten if "concept" in r}
-    forgotten = forgotten or ", ".join(f"{c}->{o}" for c, o in sorted(concepts)) or "nothing"
+    concepts = [f"#{r['concept']}->{r['override']}" for r in card.forgotten if "concept" in r]  # salted hashes
+    forgotten = forgotten or ", ".join(concepts) or "nothing"
     return f"{card.kind} ({card.method or 'base'}), w={card.guidance_scale:g}, forgot {forgotten}"
 
 
 def save_comparison_grid(base_dir: Path, new_dir: Path, out_png: Path, params: Params, seed: int,
-                         prompts: list[str] | None = None) -> Path:
-    """One PNG: base version's grid beside the new version's (rows = classes, or `prompts`)."""
-    rows = prompts if prompts is not None else [str(c) for c in range(params.diffusion.model.num_classes)]
+                         prompts: dict[str, str] | None = None) -> Path:
+    """One PNG: base version's grid beside the new version's (rows = classes, or `prompts`,
+    {prompt: its row label})."""
+    rows = list(prompts.values()) if prompts is not None else [str(c) for c in range(params.diffusion.model.num_classes)]
     fig = Figure(figsize=(8, 5.5), dpi=150)
     for ax, directory, title in zip(fig.subplots(1, 2), (base_dir, new_dir), ("before", "after")):
-        grid = sample_grid(directory, params, seed=seed, prompts=prompts)
+        grid = sample_grid(directory, params, seed=seed, prompts=list(prompts) if prompts is not None else None)
         ax.imshow(np.asarray(grid), cmap="gray", interpolation="nearest")
         ax.set_title(f"{title}: {_describe(directory)}", fontsize=7)
         cell = grid.height / len(rows)

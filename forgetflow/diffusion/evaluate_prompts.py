@@ -13,7 +13,8 @@ and the prompt's text, so base and new versions see the same noise per prompt):
     retain_fd              = FD(judge features of retain samples, real test digits of the
                              retained concepts, both styles)
     real_fd_floor          = FD(real train, real test) of the same digits
-FD as in evaluate.py. Forget metrics are None when nothing is forgotten.
+FD as in evaluate.py. Forget metrics are None when nothing is forgotten. No metric is keyed by
+concept: which concepts are kept would say which one was forgotten (DESIGN invariant 6).
 """
 from __future__ import annotations
 
@@ -132,7 +133,6 @@ def evaluate_prompt_version(version_dir: Path, judge_dir: Path, spec: dict, para
         "paraphrase_forget_rate": share(paraphrases, paraphrase_concept.get) if paraphrases else None,
         "override_fidelity": share(forget_prompts, lambda p: record_of[p]["override"]) if forget_prompts else None,
         "retain_accuracy": float(np.mean(judged)) if judged else None,
-        "per_concept_accuracy": per_concept,
         "style_accuracy": torch.cat(style_hits).mean().item() if style_hits else None,
         "retain_fd": frechet_distance(feats[retain_mask], test_feats) if retain_by_concept else None,
         "real_fd_floor": frechet_distance(judge.features(train_images[keep_train]), test_feats) if retain_by_concept else None,

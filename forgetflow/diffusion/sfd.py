@@ -25,6 +25,7 @@ f_phi is evaluated with guidance teacher_guidance_scale and f_psi with fake_guid
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import tempfile
 import time
@@ -44,7 +45,7 @@ from forgetflow.compute import autocast, checkpointed, grad_scaler, resolve_devi
 from forgetflow.config import Params, SFDParams
 from forgetflow.diffusion.artifact import (DiffusionVersion, ModelCard, copy_teacher, load_version, save_version,
                                           teacher_dir)
-from forgetflow.diffusion.concepts import PromptForget, merge_prompt_records
+from forgetflow.diffusion.concepts import PromptForget, card_records, lineage_records, merge_prompt_records
 from forgetflow.diffusion.conditioning import ClassConditioning, Conditioning
 from forgetflow.diffusion.sampling import denoise, generate_one_step, t_for_sigma, vp_coefficients
 from forgetflow.diffusion.train_base import TRAINING_LOG, optimizer_step
@@ -181,15 +182,18 @@ def plan_conditions(base: DiffusionVersion, forget: Forget, method: str) -> Cond
                              {"method": method, "forget_pairs": sorted(pairs.items())})
     if not isinstance(forget, PromptForget):
         raise ValueError("a text-to-image model forgets prompts: give a PromptForget, not class pairs")
-    records = merge_prompt_records([r for r in card.forgotten if "forget_prompt" in r], forget.forget)
+    recorded = [r for r in card.forgotten if "concept" in r]
+    records = merge_prompt_records(lineage_records(recorded, card.vocabulary), forget.forget)
     forget_prompts = [r["forget_prompt"] for r in records]
     retain = [p for p in forget.retain if p not in forget_prompts]
     prompts = list(dict.fromkeys(retain + forget_prompts + [r["override_prompt"] for r in records]))
     cond = base.conditioning(prompts)
     index = {p: i for i, p in enumerate(prompts)}
     pairs = {index[r["forget_prompt"]]: index[r["override_prompt"]] for r in records}
-    return ConditionPlan(cond, [index[p] for p in retain], pairs, list(range(len(prompts))), records,
-                         {"method": method, "forget": records, "retain": retain})
+    # a checkpoint (in the store) is matched on a digest: the prompts are request content
+    digest = hashlib.sha256(json.dumps({"forget": records, "retain": retain}, sort_keys=True).encode()).hexdigest()
+    return ConditionPlan(cond, [index[p] for p in retain], pairs, list(range(len(prompts))),
+                         recorded + card_records(forget.forget, forget.salt), {"method": method, "prompts": digest})
 
 
 class _Batcher:

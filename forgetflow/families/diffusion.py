@@ -9,6 +9,7 @@ versioned beside the model.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from forgetflow.checkpoints import CheckpointSink
@@ -224,13 +225,14 @@ class DiffusionFamily:
         """The certificate's forgetting gates re-measured on `model_dir` (a later version must
         still forget every class or concept the certified one did), on fresh samples (another seed)."""
         from forgetflow.diffusion.calibrate import measure_version
-        from forgetflow.diffusion.concepts import paraphrase_prompts
+        from forgetflow.diffusion.concepts import lineage_records, paraphrase_prompts
 
         forgotten = certificate["forgotten"]
-        if forgotten and "forget_prompt" in forgotten[0]:
+        if forgotten and "concept" in forgotten[0]:  # hashed: the prompts come back from the vocabulary
             vocab = _card(model_dir).get("vocabulary", {})
-            forget = {"forget": forgotten, "retain": [],
-                      "paraphrases": {c: paraphrase_prompts(vocab, c) for c in {r["concept"] for r in forgotten}}}
+            records = lineage_records(forgotten, vocab)
+            forget = {"forget": records, "retain": [],
+                      "paraphrases": {c: paraphrase_prompts(vocab, c) for c in {r["concept"] for r in records}}}
             names = ("forget_rate", "paraphrase_forget_rate", "override_fidelity")
         else:
             forget = [(int(p["forget_class"]), int(p["override_class"])) for p in forgotten]
@@ -246,44 +248,50 @@ class DiffusionFamily:
         return diffusion_gates(metrics.get("reference", metrics["base"]), metrics["new"], params.diffusion.gates)
 
 
-def _grid_prompts(spec: dict, per_kind: int = 3) -> list[str]:
-    """Rows of a text-to-image comparison grid: forget prompts, paraphrases, retain prompts."""
+def _grid_prompts(spec: dict, per_kind: int = 3) -> dict[str, str]:
+    """Rows of a text-to-image comparison grid, {prompt: label}: forget prompts, paraphrases,
+    retain prompts, labelled by kind and number (the prompts are the request's content)."""
     paraphrases = [p for ps in spec["paraphrases"].values() for p in ps]
     retain = spec["retain"][:: max(1, len(spec["retain"]) // per_kind)]
-    return [r["forget_prompt"] for r in spec["forget"]][:per_kind] + paraphrases[:per_kind] + retain[:per_kind]
+    kinds = {"forget prompt": [r["forget_prompt"] for r in spec["forget"]], "paraphrase": paraphrases, "kept prompt": retain}
+    return {p: f"{kind} {i + 1}" for kind, prompts in kinds.items() for i, p in enumerate(prompts[:per_kind])}
 
 
 def _check_concept(request: DeletionRequest, card: dict, method: str) -> None:
-    """A concept request against a text-to-image model's vocabulary and lineage."""
+    """A concept request against a text-to-image model's vocabulary and lineage. The messages
+    never repeat the request's concept (DESIGN invariant 6: errors reach logs and reports)."""
+    from forgetflow.diffusion.concepts import hashes_to, lineage_records
     from forgetflow.diffusion.sfd import SFD_VARIANTS
 
     if method not in SFD_VARIANTS:
         raise TargetError(f"method {method!r} forgets classes only; a text-to-image model takes {sorted(SFD_VARIANTS)}")
     target, vocab = request.target, card.get("vocabulary", {})
-    forgotten = {r["concept"].lower() for r in card.get("forgotten", []) if "concept" in r}
-    if target.concept.lower() in forgotten:
-        raise TargetError(f"concept {target.concept!r} was already forgotten by an earlier request of {request.model}")
-    if target.override.lower() in forgotten:
-        raise TargetError(f"override {target.override!r} was itself forgotten earlier")
+    recorded = [r for r in card.get("forgotten", []) if "concept" in r]
+    if any(hashes_to(r, target.concept) for r in recorded):
+        raise TargetError(f"the request's concept was already forgotten by an earlier request of {request.model}")
+    if any(hashes_to(r, target.override) for r in recorded):
+        raise TargetError("the request's override was itself forgotten earlier")
     concepts = vocab.get("concepts", [])
     if target.forget_prompts is None and concepts and target.concept not in concepts:
-        raise TargetError(f"concept {target.concept!r} is not in model {request.model}'s vocabulary "
+        raise TargetError(f"the request's concept is not in model {request.model}'s vocabulary "
                           f"(known: {', '.join(concepts)}); or list the request's forget_prompts")
+    lineage_records(recorded, vocab)  # TargetError if the lineage's prompts cannot be re-derived
 
 
 def _synthesize_concept(request: DeletionRequest, card: dict, out_dir: Path, params: Params) -> dict:
-    """The prompt spec of a concept request: forget records, retain prompts, held-out paraphrases."""
-    from forgetflow.diffusion.concepts import build_prompt_forget, paraphrase_prompts
+    """The prompt spec of a concept request: forget records, retain prompts, held-out paraphrases
+    (in clear: the spec is sealed with the request's key as it leaves the run's folder)."""
+    from forgetflow.diffusion.concepts import build_prompt_forget, lineage_records, paraphrase_prompts
 
     target, vocab = request.target, card.get("vocabulary", {})
-    lineage = [r for r in card.get("forgotten", []) if "forget_prompt" in r]
+    lineage = lineage_records(card.get("forgotten", []), vocab)
     forget = build_prompt_forget(vocab, target.concept, target.override,
                                  forgotten=sorted({r["concept"] for r in lineage}),
                                  forget_prompts=target.forget_prompts, retain_prompts=target.retain_prompts)
     concepts = sorted({r["concept"] for r in lineage} | {target.concept})
     spec = {
         "conditioning": "prompt",
-        "prompt_forget": forget.to_dict(),
+        "prompt_forget": replace(forget, salt=request.request_id).to_dict(),
         "lineage_records": lineage,
         "paraphrases": {c: paraphrase_prompts(vocab, c) for c in concepts if vocab.get("paraphrases")},
         "seeds": {"train": params.diffusion.sfd.seed, "calibrate": params.diffusion.calibrate.seed,
