@@ -8,7 +8,8 @@ prefix and MLflow run; every member keeps its own ledger entry, state and key.
 
 Requests fit one batch only when the union is itself a valid request: same model, family,
 method, override rule (diffusion) or scope (LLM), no override class that another member
-forgets, no person listed with conflicting known values. Batches keep submission order:
+forgets, no person listed with conflicting known values. A text-to-image concept request runs
+alone: a request names one concept, and the version's card keeps it under that request's salt. Batches keep submission order:
 a request that does not fit starts the next batch, so requests are still applied in order.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from forgetflow.request import DeletionRequest, DiffusionClassTarget, LLMSubjectsTarget
+from forgetflow.request import DeletionRequest, DiffusionClassTarget, DiffusionConceptTarget, LLMSubjectsTarget
 
 
 class BatchError(ValueError):
@@ -64,6 +65,8 @@ def merge_requests(requests: Sequence[DeletionRequest]) -> DeletionRequest:
     _same(requests, "target kind", lambda r: r.target.kind)
     _same(requests, "method", lambda r: r.method)
     targets = [r.target for r in requests]
+    if isinstance(targets[0], DiffusionConceptTarget):
+        raise BatchError("a concept request runs alone (one concept per request)")
     if isinstance(targets[0], DiffusionClassTarget):
         _same(requests, "override rule", lambda r: r.target.override_rule)
         target = _diffusion_union(targets)
