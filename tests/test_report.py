@@ -43,3 +43,17 @@ def test_pipeline_overhead_is_the_share_outside_training_and_evaluation():
     assert pipeline_overhead({"unlearn": 60.0}) is None  # a failed run has no total
     page_report = build_report(request_id="r", status="promoted", durations_s=durations, pipeline_overhead=0.1)
     assert "Pipeline overhead (outside training and evaluation): 10.0%" in render_html(page_report, [])
+
+
+def test_a_concept_report_names_the_concept_by_salted_hash_only():
+    from forgetflow.diffusion.concepts import build_prompt_forget, card_records
+    from forgetflow.diffusion.captions import vocabulary
+
+    forgotten = card_records(build_prompt_forget(vocabulary(), "seven", "eight", forgotten=[]).forget, "req-9")
+    report = build_report(request_id="req-9", status="promoted", model="digits-t2i", family="diffusion", method="sfd")
+    weights = {"version": "2", "files": {}, "sha256": "0" * 64}
+    certificate = {"forgotten": forgotten, "gates": [], "key_shredding": {"requests": []}, "base": weights,
+                   "new": weights, "signature": {"key_id": "k"}, "timestamps": {"certified": "now"}}
+    page = render_html(report, [], certificate)
+    assert f"Stop generating 1 concept, shown here only as salted hashes: {forgotten[0]['concept']}" in page
+    assert "seven" not in page and "\u201ceight\u201d" in page
