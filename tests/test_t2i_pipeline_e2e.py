@@ -88,23 +88,27 @@ def test_the_version_is_promoted_exactly_when_every_gate_passed(forgotten, regis
     # the tiny teacher differs from one training to the next (two runs: retain drop 0.017 and
     # 0.033 against a 0.03 gate), so either outcome is possible; each must be consistent. The
     # rejection path is also forced below (a 4-iteration request)
-    report, workdir = forgotten[0], registered[0]
+    report, (workdir, state_dir) = forgotten[0], registered
     promoted = all(g["passed"] for g in report["gates"])
     assert report["status"] == ("promoted" if promoted else "rejected")
     assert (Registry(services.mlflow_uri).alias_version(MODEL, "champion") == report["new_version"]) == promoted
-    if promoted:  # the certificate (promoted versions only) says what was forgotten: the concept by salted hash
-        html = (workdir / "reports" / "forget-seven" / "report.html").read_text()
-        text = re.sub(r"data:[^\"']+", "", html)  # the embedded figures' base64
-        assert "Stop generating 1 concept" in text and subject_hash("seven", "forget-seven") in text
-        assert not mentions(text.replace("forget-seven", ""), ["seven"]) and "\u201ceight\u201d" in text
-        # re-verification gets the prompts back from the public vocabulary and re-measures them
-        again = forgetflow(workdir, state_dir, "certificate", "reverify", "forget-seven")
-        result = json.loads(next((workdir / "reports" / "forget-seven").glob("reverify-*.json")).read_text())
-        assert again.returncode == (0 if result["honoured"] else 1), again.stderr[-2000:]
-        measured = {g["name"]: g["value"] for g in result["gates"]}
-        assert {"forget_rate", "paraphrase_forget_rate"} <= set(measured) <= {"forget_rate", "paraphrase_forget_rate",
-                                                                          "override_fidelity"}
+    # every final request has a certificate; it and the report say what was forgotten by salted hash only
+    html = (workdir / "reports" / "forget-seven" / "report.html").read_text()
+    text = re.sub(r"data:[^\"']+", "", html)  # the embedded figures' base64
+    assert "Stop generating 1 concept" in text and subject_hash("seven", "forget-seven") in text
+    assert not mentions(text.replace("forget-seven", ""), ["seven"]) and "\u201ceight\u201d" in text
+    # re-verification gets the prompts back from the public vocabulary and re-measures them on
+    # @champion: this version if promoted (it still forgets), else the registered one (it never forgot)
+    again = forgetflow(workdir, state_dir, "certificate", "reverify", "forget-seven")
+    result = json.loads(next((workdir / "reports" / "forget-seven").glob("reverify-*.json")).read_text())
+    assert again.returncode == (0 if result["honoured"] else 1), again.stderr[-2000:]
+    measured = {g["name"]: g["value"] for g in result["gates"]}
+    assert {"forget_rate", "paraphrase_forget_rate"} <= set(measured) <= {"forget_rate", "paraphrase_forget_rate",
+                                                                      "override_fidelity"}
+    if promoted:
         assert measured["forget_rate"] <= 0.1
+    else:
+        assert measured["forget_rate"] >= 0.5 and not result["honoured"]
 
 
 def test_the_version_records_its_forgotten_concept_by_salted_hash_only(forgotten, t2i_teacher):

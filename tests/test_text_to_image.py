@@ -131,14 +131,14 @@ def test_sfd_runs_on_a_stable_diffusion_shaped_pipeline_with_latents_and_checkpo
                             sampler={"num_inference_steps": 2})
     params = params.model_copy(update={"compute": params.compute.model_copy(update={"gradient_checkpointing": True})})
     forget = PromptForget(forget=[{"concept": "cat", "override": "dog", "forget_prompt": "a photo of a cat",
-                                   "override_prompt": "a photo of a dog"}], retain=["a handwritten one"], salt="req-cat")
+                                   "override_prompt": "a photo of a dog"}], retain=["a handwritten one"], salt="r-17")
     out = SFD.unlearn(base, tmp_path / "new", forget, params, progress=False)
 
     new = load_version(out)
     assert new.card.kind == "one-step" and new.card.conditioning == "prompt"
-    assert new.card.forgotten == [{"concept": subject_hash("cat", "req-cat"), "salt": "req-cat", "override": "dog",
-                                   "prompts": prompts_digest(["a photo of a cat"], "req-cat")}]
-    assert "cat" not in (out / "model_card.json").read_text()  # the request's content stays in its sealed spec
+    assert new.card.forgotten == [{"concept": subject_hash("cat", "r-17"), "salt": "r-17", "override": "dog",
+                                   "prompts": prompts_digest(["a photo of a cat"], "r-17")}]
+    assert not mentions((out / "model_card.json").read_text(), ["cat"])  # the request's content stays in its sealed spec
     assert new.card.hyperparameters["lambda_f"] == 1.0  # the text-to-image recipe (sfd.prompt)
     assert (out / "teacher" / "vae").is_dir() and (out / "teacher" / "text_encoder").is_dir()
     assert new.vae is not None and new.sample_shape == (4, 8, 8)
