@@ -9,8 +9,9 @@ prefix and MLflow run; every member keeps its own ledger entry, state and key.
 Requests fit one batch only when the union is itself a valid request: same model, family,
 method, override rule (diffusion) or scope (LLM), no override class that another member
 forgets, no person listed with conflicting known values. A text-to-image concept request runs
-alone: a request names one concept, and the version's card keeps it under that request's salt. Batches keep submission order:
-a request that does not fit starts the next batch, so requests are still applied in order.
+alone: a request names one concept, and the version's card keeps it under that request's salt.
+Batches keep submission order: a request that does not fit starts the next batch, so requests
+are still applied in order.
 """
 from __future__ import annotations
 

@@ -454,8 +454,10 @@ def dominated_by(summary: dict, family: str) -> dict[str, list[str]]:
 def _num(x: float, digits: int) -> str:
     """Fixed point; significant digits for a value that has blown up (a collapsed model's
     perplexity reaches 1e39) or that fixed point would round to 0 (forget quality, a p-value)."""
-    if abs(x) >= 1e6 or 0 < abs(x) < 0.5 * 10 ** -digits:
-        return f"{x:.3g}" if abs(x) >= 1e6 else f"{x:.2g}"
+    if abs(x) >= 1e6:
+        return f"{x:.3g}"
+    if 0 < abs(x) < 0.5 * 10 ** -digits:
+        return f"{x:.2g}"
     return f"{x:.{digits}f}"
 
 

@@ -88,6 +88,14 @@ def paraphrase_prompts(vocabulary: dict, concept: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def forget_records(vocabulary: dict, concept: str, override: str, prompts: list[str]) -> list[dict]:
+    """Each forget prompt with its override prompt: the same sentence, the concept's words
+    replaced by `override`."""
+    words = concept_words(vocabulary, concept)
+    return [{"concept": concept, "override": override, "forget_prompt": p,
+             "override_prompt": replace_concept(p, words, override)} for p in prompts]
+
+
 def build_prompt_forget(vocabulary: dict, concept: str, override: str, *, forgotten: list[str],
                         forget_prompts: list[str] | None = None, retain_prompts: list[str] | None = None) -> PromptForget:
     """The forget records and retain prompts of a request (see the module docstring).
@@ -100,8 +108,7 @@ def build_prompt_forget(vocabulary: dict, concept: str, override: str, *, forgot
     missing = [p for p in forget_prompts if not mentions(p, words)]
     if missing:
         raise TargetError(f"{len(missing)} forget prompt(s) do not name the concept {concept!r}")
-    records = [{"concept": concept, "override": override, "forget_prompt": p,
-                "override_prompt": replace_concept(p, words, override)} for p in forget_prompts]
+    records = forget_records(vocabulary, concept, override, forget_prompts)
     gone = [concept, *forgotten]
     if retain_prompts is None:
         if not vocabulary.get("templates"):
@@ -163,7 +170,5 @@ def lineage_records(recorded: list[dict], vocabulary: dict) -> list[dict]:
         if prompts_digest(prompts, record["salt"]) != record["prompts"]:
             raise TargetError(f"forgotten concept {i + 1} of this lineage was forgotten on prompts its request "
                               "listed itself, kept only as a salted digest: a later concept request cannot re-derive them")
-        words = concept_words(vocabulary, concept)
-        out += [{"concept": concept, "override": record["override"], "forget_prompt": p,
-                 "override_prompt": replace_concept(p, words, record["override"])} for p in prompts]
+        out += forget_records(vocabulary, concept, record["override"], prompts)
     return out
