@@ -119,6 +119,7 @@ class SFDFromOneStepParams(_Section):
     two-stage variant. These replace the same-named settings of `sfd`."""
 
     iterations: int = Field(50, ge=1)
+    iterations_per_extra_target: int = Field(0, ge=0)
     lambda_f: float = 0.5
     batch_remaining: int = Field(32, ge=1)
     lr_generator: float = 5e-5  # half of sfd's: at 1e-4 a short stage ends wherever the FD swings
@@ -144,6 +145,11 @@ class SFDParams(_Section):
     """Score Forgetting Distillation (Chen et al., ICLR 2025); names follow the paper."""
 
     iterations: int = 200
+    # the forgetting stage lasts iterations + iterations_per_extra_target * (targets - 1), a
+    # target being a forgotten class or concept (the lineage's included): the batch's
+    # batch_forget rows are shared among the targets, and the kept classes take longer to
+    # settle back when more of the generator is redirected
+    iterations_per_extra_target: int = Field(0, ge=0)
     batch_remaining: int = 32
     batch_forget: int = 16
     lambda_f: float = 0.1
@@ -179,6 +185,10 @@ class SFDParams(_Section):
             return recipe
         one_step = self.from_one_step.model_dump() | ({"lambda_f": self.prompt.one_step_lambda_f} if prompt else {})
         return recipe.model_copy(update=one_step)
+
+    def forget_iterations(self, targets: int) -> int:
+        """Iterations of the forgetting stage for `targets` forgotten classes or concepts."""
+        return self.iterations + self.iterations_per_extra_target * max(targets - 1, 0)
 
 
 class DistillParams(_Section):

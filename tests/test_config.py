@@ -37,5 +37,10 @@ def test_sfd_recipe_per_base_kind_and_conditioning():
     assert one_step_prompt.lambda_f == sfd.prompt.one_step_lambda_f != sfd.from_one_step.lambda_f
     assert one_step_prompt.iterations == sfd.from_one_step.iterations
     assert one_step_prompt.teacher_guidance_scale == sfd.prompt.teacher_guidance_scale
+    # more targets (classes or concepts), a longer forgetting stage (measured in params.yaml)
+    assert sfd.forget_iterations(1) == sfd.iterations < sfd.forget_iterations(5)
+    one_step = sfd.for_base("one-step")
+    assert one_step.forget_iterations(5) == sfd.from_one_step.iterations + 4 * sfd.from_one_step.iterations_per_extra_target
+    assert one_step.forget_iterations(5) > one_step.forget_iterations(1) == sfd.from_one_step.iterations
     sd = load_params(preset="stable-diffusion").diffusion.sfd.for_base("one-step", "prompt")
     assert sd.lambda_f == 1.0 and sd.teacher_guidance_scale == 4.5  # the paper's

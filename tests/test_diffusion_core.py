@@ -29,7 +29,7 @@ from tests.diffusion_fixtures import judge_dir, tiny_params, untrained_version, 
 # On the CPU, where kernels are deterministic, so that a resumed run can be compared bit for bit.
 CPU = torch.device("cpu")
 LOOP = {"batch_remaining": 4, "batch_forget": 2, "iterations": 6, "checkpoint_every": 2, "log_every": 2,
-        "ema_warmup_iterations": 1, "sid_iterations": 2,
+        "ema_warmup_iterations": 1, "sid_iterations": 2, "iterations_per_extra_target": 1,
         "from_one_step": SFDFromOneStepParams(iterations=4, lambda_f=0.1, batch_remaining=4)}
 
 
@@ -239,16 +239,16 @@ def test_method_registry_and_two_stage_variant(untrained_version, loop_params, t
     assert {"sfd", "sfd-two-stage"} <= set(DIFFUSION_METHODS)
     with pytest.raises(ValueError, match="sfd-two-stage"):
         get_method("nope")
-    out = get_method("sfd-two-stage").unlearn(untrained_version, tmp_path / "two", [(7, 8)], loop_params,
+    out = get_method("sfd-two-stage").unlearn(untrained_version, tmp_path / "two", [(7, 8), (3, 4)], loop_params,
                                               device=CPU, progress=False)
-    log = json.loads((out / "training_log.json").read_text())
-    assert log["iterations"] == LOOP["sid_iterations"] + LOOP["iterations"]
+    log = json.loads((out / "training_log.json").read_text())  # two targets: one extra forgetting iteration
+    assert log["iterations"] == LOOP["sid_iterations"] + LOOP["iterations"] + LOOP["iterations_per_extra_target"]
     assert {row["stage"] for row in log["history"]} == {0, 1}
     assert load_version(out).card.method == "sfd-two-stage"
 
 
 def test_sid_only_and_esd_peers(untrained_version, one_step_version, loop_params, tmp_path):
-    sid = get_method("sid").stages(loop_params.diffusion.sfd)
+    sid = get_method("sid").stages(loop_params.diffusion.sfd, 3)
     assert [(s.iterations, s.forget, s.objective.lambda_f) for s in sid] == [(LOOP["iterations"], False, 0.0)]
     distilled = load_version(get_method("sid").unlearn(untrained_version, tmp_path / "sid", [(7, 8)], loop_params,
                                                        device=CPU, progress=False))

@@ -76,8 +76,9 @@ class SFD:
         return cls(alpha=sfd.alpha, lambda_f=sfd.lambda_f, omega_min=sfd.omega_min)
 
     @classmethod
-    def stages(cls, sfd: SFDParams) -> list[Stage]:
-        return [Stage(sfd.iterations, cls.from_params(sfd))]
+    def stages(cls, sfd: SFDParams, targets: int) -> list[Stage]:
+        """The stages of a run that forgets `targets` classes or concepts (the lineage's included)."""
+        return [Stage(sfd.forget_iterations(targets), cls.from_params(sfd))]
 
     def _keep_plus_forget(self, per_sample: Tensor, forget_mask: Tensor) -> Tensor:
         """E_keep[per_sample] + lambda_f E_forget[per_sample] (a missing part counts 0)."""
@@ -117,9 +118,9 @@ class SFDTwoStage(SFD):
     name: ClassVar[str] = "sfd-two-stage"
 
     @classmethod
-    def stages(cls, sfd: SFDParams) -> list[Stage]:
+    def stages(cls, sfd: SFDParams, targets: int) -> list[Stage]:
         sid = cls(alpha=sfd.alpha, lambda_f=0.0, omega_min=sfd.omega_min)
-        return [Stage(sfd.sid_iterations, sid, forget=False), *super().stages(sfd)]
+        return [Stage(sfd.sid_iterations, sid, forget=False), *super().stages(sfd, targets)]
 
 
 class SiD(SFD):
@@ -129,7 +130,7 @@ class SiD(SFD):
     name: ClassVar[str] = "sid"
 
     @classmethod
-    def stages(cls, sfd: SFDParams) -> list[Stage]:
+    def stages(cls, sfd: SFDParams, targets: int) -> list[Stage]:
         return [Stage(sfd.iterations, cls(alpha=sfd.alpha, lambda_f=0.0, omega_min=sfd.omega_min), forget=False)]
 
 
@@ -291,7 +292,7 @@ def train_sfd(
         raise ValueError(f"base generator runs at t_init {card.t_init}, "
                          f"params give {t_init} (sigma_init {sfd.sigma_init})")
     t_range = (t_for_sigma(scheduler, sfd.sigma_min), t_for_sigma(scheduler, sfd.sigma_max))
-    stages = SFD_VARIANTS[method].stages(sfd)
+    stages = SFD_VARIANTS[method].stages(sfd, len(plan.forgotten))
     if not plan.pairs and any(s.forget for s in stages):
         raise ValueError("no forget pairs given")
     total = sum(s.iterations for s in stages)
