@@ -30,7 +30,8 @@ from tests.diffusion_fixtures import judge_dir, tiny_params, untrained_version, 
 CPU = torch.device("cpu")
 LOOP = {"batch_remaining": 4, "batch_forget": 2, "iterations": 6, "checkpoint_every": 2, "log_every": 2,
         "ema_warmup_iterations": 1, "sid_iterations": 2, "iterations_per_extra_target": 1,
-        "from_one_step": SFDFromOneStepParams(iterations=4, lambda_f=0.1, batch_remaining=4)}
+        "from_one_step": SFDFromOneStepParams(iterations=4, lambda_f=0.1, batch_remaining=4,
+                                              iterations_per_extra_target=3)}
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +219,8 @@ def test_chained_request_keeps_the_union_and_the_lineage_teacher(untrained_versi
     card = load_version(chained).card
     assert card.hyperparameters["iterations"] == 4  # from a one-step base: sfd.from_one_step's short stage
     assert sorted(card.forgotten_pairs) == [(3, 5), (7, 8)]
+    # the lineage's class stays in the forget term, so it counts: two targets, 3 more iterations
+    assert json.loads((chained / "training_log.json").read_text())["iterations"] == 4 + 3
     # every version of the lineage carries the pretrained DDPM, bit for bit, as its teacher
     assert teacher_dir(untrained_version) == untrained_version
     root = load_version(untrained_version)
