@@ -145,11 +145,7 @@ class SFDParams(_Section):
     """Score Forgetting Distillation (Chen et al., ICLR 2025); names follow the paper."""
 
     iterations: int = 200
-    # the forgetting stage lasts iterations + iterations_per_extra_target * (targets - 1), a
-    # target being a forgotten class or concept (the lineage's included): the batch's
-    # batch_forget rows are shared among the targets, and the kept classes take longer to
-    # settle back when more of the generator is redirected
-    iterations_per_extra_target: int = Field(0, ge=0)
+    iterations_per_extra_target: int = Field(0, ge=0)  # see forget_iterations
     batch_remaining: int = 32
     batch_forget: int = 16
     lambda_f: float = 0.1
@@ -187,7 +183,10 @@ class SFDParams(_Section):
         return recipe.model_copy(update=one_step)
 
     def forget_iterations(self, targets: int) -> int:
-        """Iterations of the forgetting stage for `targets` forgotten classes or concepts."""
+        """iterations + iterations_per_extra_target * (targets - 1): the forgetting stage for
+        `targets` forgotten classes or concepts, the lineage's included. The batch's
+        batch_forget rows are shared among the targets, and the kept classes take longer to
+        settle back when more of the generator is redirected."""
         return self.iterations + self.iterations_per_extra_target * max(targets - 1, 0)
 
 
