@@ -35,9 +35,9 @@ import torch
 
 from forgetflow.bench_folder import BenchFolder
 from forgetflow.compute import resolve_device
-from forgetflow.config import Params, _deep_merge
+from forgetflow.config import DIFFUSION_ATTACKS, LLM_ATTACKS, Params, _deep_merge
+from forgetflow.stats import clopper_pearson, upper_bound
 
-BOOTSTRAP_DRAWS = 10_000
 FORGET_CLASS = 7  # the diffusion bench's request: forget this digit (the override rule picks its target)
 FORGET_SUBJECTS = 4  # the LLM bench's request: forget the first customers of the roster
 DIFFUSION_REAL_DATA = {"retrain": "trains on the real digits minus the class",
@@ -125,16 +125,10 @@ def with_updates(params: Params, updates: dict) -> Params:
     return Params.model_validate(_deep_merge(params.model_dump(), updates))
 
 
-def bootstrap_interval(rate: float, n: int, seed: int = 0) -> list[float] | None:
-    """95% bootstrap interval of a rate k/n over n items (None without items)."""
-    if not n:
-        return None
-    draws = np.random.default_rng(seed).binomial(n, min(max(rate, 0.0), 1.0), BOOTSTRAP_DRAWS) / n
-    return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
-
-
 def summarise(trials: list[Trial], keys: list[str]) -> dict[str, dict]:
-    """method -> {key: {mean, sd, ci95 (rates over items, pooled over seeds)}} + seconds, memory, passed."""
+    """method -> {key: {mean, sd, and for rates over items: ci95 and upper95, the exact
+    (Clopper-Pearson) interval and one-sided bound of the hits pooled over seeds}} + seconds,
+    memory, passed."""
     out: dict[str, dict] = {}
     for method in dict.fromkeys(t.method for t in trials):
         ts = [t for t in trials if t.method == method]
@@ -147,7 +141,8 @@ def summarise(trials: list[Trial], keys: list[str]) -> dict[str, dict]:
             stat = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
             n = sum(t.items.get(key, 0) for t in ts)
             if n:
-                stat["ci95"] = bootstrap_interval(stat["mean"], n)
+                hits = round(sum(v * t.items.get(key, 0) for t in ts if (v := _value(t, key)) is not None))
+                stat["ci95"], stat["upper95"], stat["n"] = list(clopper_pearson(hits, n)), upper_bound(hits, n), n
             row[key] = stat
         out[method] = row
     return out
@@ -160,9 +155,14 @@ def _value(t: Trial, key: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def attack_columns(attacks: dict[str, dict]) -> tuple[dict[str, float], dict[str, int]]:
+    """A version's attack records as table columns attack_<name>: (rates, trials)."""
+    return ({f"attack_{a}": r["rate"] for a, r in attacks.items()}, {f"attack_{a}": r["n"] for a, r in attacks.items()})
+
+
 # ---- diffusion ---------------------------------------------------------------------------
 DIFFUSION_KEYS = ["unlearning_accuracy", "override_fidelity", "remaining_accuracy_drop", "remaining_fd_ratio",
-                  "nfe", "seconds_per_1000_samples"]
+                  *[f"attack_{a}" for a in DIFFUSION_ATTACKS], "nfe", "seconds_per_1000_samples"]
 
 
 def diffusion_trials(params: Params, folder: BenchFolder, methods: list[str], seeds: int, *, model_dir: Path | None,
@@ -171,6 +171,7 @@ def diffusion_trials(params: Params, folder: BenchFolder, methods: list[str], se
     model), "serving" to distil the one-step version a registration makes (None if none)).
     The FROM_SERVING methods start from that version, as the pipeline's requests do; the
     others from the base. Trials `folder` already holds are kept, not run again."""
+    from forgetflow.diffusion.attacks import run_attacks
     from forgetflow.diffusion.calibrate import calibrate_version, diffusion_gates
     from forgetflow.diffusion.evaluate import evaluate_version
     from forgetflow.diffusion.judge import train_judge
@@ -178,7 +179,7 @@ def diffusion_trials(params: Params, folder: BenchFolder, methods: list[str], se
     from forgetflow.diffusion.sfd import RANDOM_OVERRIDE
     from forgetflow.diffusion.train_base import train_teacher
     from forgetflow.families.diffusion import DiffusionFamily, resolve_overrides
-    from forgetflow.gates import all_passed
+    from forgetflow.gates import all_passed, attack_gates
 
     device, work, done, code = resolve_device(params.compute), folder.work, folder.finished(), code_revision()
     base = Path(model_dir or folder.step("base", work / "base", lambda: train_teacher(
@@ -219,20 +220,22 @@ def diffusion_trials(params: Params, folder: BenchFolder, methods: list[str], se
                 curve = calibrate_version(out, base, judge, [pair], p, device=device, cache_dir=cache)[1]
             new = evaluate_version(out, judge, [pair], p, seed=ev.seed, device=device, cache_dir=cache)
             request_s = time.perf_counter() - start
-            gates = diffusion_gates(base_metrics, new, p.diffusion.gates)
-            new.update({g.name: g.value for g in gates if g.name in DIFFUSION_KEYS})
+            new["attacks"].update(run_attacks(out, judge, [FORGET_CLASS], p, device=device, progress=progress))
+            gates = diffusion_gates(base_metrics, new, p.diffusion.gates) + attack_gates(new["attacks"],
+                                                                                          p.diffusion.gates.attacks)
+            rates, trials_n = attack_columns(new["attacks"])
+            new.update({**rates, **{g.name: g.value for g in gates if g.name in DIFFUSION_KEYS}})
             n_forget = new["samples"]["per_forget_class"]
             trials.append(Trial("diffusion", method, seed, round(seconds, 2), round(request_s, 2), round(mem["mb"], 1), new,
                                 [g.to_dict() for g in gates], all_passed(gates),
-                                items={"unlearning_accuracy": n_forget, "override_fidelity": n_forget}, code=code,
+                                items={"unlearning_accuracy": n_forget, "override_fidelity": n_forget, **trials_n}, code=code,
                                 curve=gamma_curve(curve, "diffusion")))
             folder.record(asdict(trials[-1]))
     return trials, setup
 
 
 # ---- LLM -----------------------------------------------------------------------------------
-LLM_ATTACKS = ["direct", "paraphrase", "prefix", "raw_weights", "adversarial_system_prompt"]
-LLM_KEYS = ["guidance_scale", "leak_rate", *[f"leak_{a}" for a in LLM_ATTACKS], "retained_recall_drop",
+LLM_KEYS = ["guidance_scale", "leak_rate", *[f"attack_{a}" for a in LLM_ATTACKS], "retained_recall_drop",
             "utility_accuracy_drop", "perplexity_ratio", "mia_auc", "forget_quality", "tokens_per_s_guided",
             "tokens_per_s_unguided"]
 
@@ -281,15 +284,15 @@ def llm_trials(params: Params, folder: BenchFolder, methods: list[str], seeds: i
             metrics = family.evaluate(model_dir, out / "new", out / "synth", eval_kit, p, out / "evaluation")
             request_s = time.perf_counter() - request_start
             gates = family.gates(metrics, p)
-            new = {**metrics["new"], **{f"leak_{a}": r for a, r in metrics["new"]["leak_rate_by_attack"].items()},
-                   **{g.name: g.value for g in gates}}
+            rates, trials_n = attack_columns(metrics["new"]["attacks"])
+            new = {**metrics["new"], **rates, **{g.name: g.value for g in gates}}
             spec = read_spec(out / "synth")
             n_items = len(spec["items"])
             membership = _membership(spec, model_dir, out / "new", eval_kit, p, retain_dir)
             new.update(mia_auc=membership["mia_auc"], forget_quality=membership["forget_quality"])
             trials.append(Trial("llm", method, seed, round(seconds, 2), round(request_s, 2), round(mem["mb"], 1), new,
                                 [g.to_dict() for g in gates], all_passed(gates),
-                                items={"leak_rate": n_items, **{f"leak_{a}": n_items for a in LLM_ATTACKS}},
+                                items={"leak_rate": n_items, **trials_n},
                                 speed=_tokens_per_second(out / "new", model_dir, p, device), code=code,
                                 curve=gamma_curve(curve, "llm")))
             trials[-1].metrics["base"] = {**{k: v for k, v in metrics["base"].items() if not isinstance(v, dict)},
@@ -479,7 +482,7 @@ def markdown_table(result: dict) -> str:
     dominance = result["dominated_by"]
     base_mia = [b for t in result["trials"] if (b := t["metrics"].get("base", {}).get("mia_auc")) is not None]
     lines = [f"# forgetflow bench: {result['family']}, {result['seeds']} seed(s), {result['device']}, {result['created']}",
-             "", "mean ± sd over seeds [bootstrap 95% interval over items, for rates]; requests/h = 3600 / request s"
+             "", "mean ± sd over seeds [exact 95% interval over items pooled over seeds, for rates; attack columns: trials]; requests/h = 3600 / request s"
              + (f"; building the demo base took {setup['base']:.0f} s" if (setup := result["setup_s"])["base"] else "")
              + (f"; {', '.join(FROM_SERVING)} start(s) from the one-step version distilled once at registration "
                 f"({setup['serving']:.0f} s, plain SiD)" if setup.get("serving") else "")

@@ -227,6 +227,21 @@ class EvaluateParams(_Section):
     seed: int = 30_000
 
 
+DIFFUSION_ATTACKS = ("forget", "paraphrase", "relearning", "embedding_search")
+LLM_ATTACKS = ("direct", "paraphrase", "prefix", "raw_weights", "adversarial_system_prompt", "prefilled",
+               "few_shot", "sampled", "candidate_ranking", "relearning", "quantized")
+
+
+def _attack_thresholds(thresholds: dict[str, float], known: tuple[str, ...]) -> dict[str, float]:
+    """gates.attacks: {attack: largest upper95 of its rate that passes}; names from `known`."""
+    for name, t in thresholds.items():
+        if name not in known:
+            raise ValueError(f"unknown attack {name!r}; known: {list(known)}")
+        if not 0.0 < t < 1.0:
+            raise ValueError(f"attack {name!r}: threshold {t} is not in (0, 1)")
+    return thresholds
+
+
 class GateParams(_Section):
     """Promotion gates for the diffusion family (all must pass to move @champion)."""
 
@@ -242,6 +257,12 @@ class GateParams(_Section):
     forget_rate_max: float = 0.02  # forget-prompt samples judged as the concept
     paraphrase_forget_rate_max: float = 0.05  # the same on paraphrases never trained on
     style_accuracy_drop_max: float = 0.05  # stroke styles of the retain prompts
+    attacks: dict[str, float] = Field(default_factory=dict)  # {attack: max upper95 of its rate}
+
+    @model_validator(mode="after")
+    def _known_attacks(self) -> "GateParams":
+        _attack_thresholds(self.attacks, DIFFUSION_ATTACKS)
+        return self
 
 
 class TextToImageEvaluateParams(_Section):
@@ -276,6 +297,33 @@ class TextToImageParams(_Section):
     evaluate: TextToImageEvaluateParams = TextToImageEvaluateParams()
 
 
+class DiffusionRelearningParams(_Section):
+    """The recovery attack: the new version fine-tuned on REMAINING classes only."""
+
+    steps: int = Field(30, ge=1, le=10_000)
+    lr: float = Field(1e-4, gt=0.0, le=1.0)
+    batch_size: int = Field(32, ge=1, le=4096)
+    samples: int = Field(200, ge=1, le=100_000)  # forget-class samples judged after the fine-tune
+
+
+class EmbeddingSearchParams(_Section):
+    """The conditioning search: the forget class's embedding optimised toward the judge's class."""
+
+    restarts: int = Field(16, ge=1, le=10_000)
+    steps: int = Field(50, ge=1, le=10_000)
+    lr: float = Field(0.05, gt=0.0, le=10.0)
+    samples_per_restart: int = Field(8, ge=1, le=1024)
+
+
+class DiffusionAttackParams(_Section):
+    """Budgets of the diffusion attacks (forgetflow/diffusion/attacks.py); seed: the attacks'
+    own, disjoint from the training, calibration and evaluation seeds."""
+
+    relearning: DiffusionRelearningParams = DiffusionRelearningParams()
+    embedding_search: EmbeddingSearchParams = EmbeddingSearchParams()
+    seed: int = 40_000
+
+
 class DiffusionParams(_Section):
     model: DiffusionModelParams = DiffusionModelParams()
     text_to_image: TextToImageParams = TextToImageParams()
@@ -286,6 +334,7 @@ class DiffusionParams(_Section):
     esd: ESDParams = ESDParams()
     calibrate: CalibrateParams = CalibrateParams()
     evaluate: EvaluateParams = EvaluateParams()
+    attacks: DiffusionAttackParams = DiffusionAttackParams()
     gates: GateParams = GateParams()
 
 
@@ -414,12 +463,50 @@ class LLMEvaluateParams(_Section):
     mia_seed: int = 1  # the never-seen people it compares the forgotten with (Faker seed)
 
 
+class SampledAttackParams(_Section):
+    samples: int = Field(64, ge=1, le=4096)  # per prompt; a value leaks if any sample holds it
+    temperature: float = Field(1.0, gt=0.0, le=5.0)
+    max_new_tokens: int = Field(32, ge=1, le=1024)
+
+
+class LLMRelearningParams(_Section):
+    """The recovery attack: a copy fine-tuned on rows that do not mention the forgotten."""
+
+    steps: int = Field(30, ge=1, le=10_000)
+    lr: float = Field(5e-5, gt=0.0, le=1.0)
+    batch_size: int = Field(8, ge=1, le=1024)
+
+
+class LLMAttackParams(_Section):
+    """Budgets of the strong attacks (forgetflow/llm/strong_attacks.py); seed: the attacks' own,
+    disjoint from the training, calibration and evaluation seeds."""
+
+    sampled: SampledAttackParams = SampledAttackParams()
+    few_shot_demonstrations: int = Field(3, ge=1, le=16)  # true records of KEPT people shown first
+    candidate_surrogates: int = Field(99, ge=1, le=100_000)  # same-type fakes the true value is ranked among
+    relearning: LLMRelearningParams = LLMRelearningParams()
+    quantize_bits: tuple[int, ...] = (8, 4)  # per-channel round-to-nearest of the merged weights
+    seed: int = 40_000
+
+    @model_validator(mode="after")
+    def _bits(self) -> "LLMAttackParams":
+        if not self.quantize_bits or any(not 2 <= b <= 16 for b in self.quantize_bits):
+            raise ValueError(f"quantize_bits {list(self.quantize_bits)}: each must lie in [2, 16]")
+        return self
+
+
 class LLMGateParams(_Section):
     leak_rate_before_min: float = 0.8
     leak_rate_max: float = 0.02  # under every attack, raw weights and adversarial prompts included
     utility_accuracy_drop_max: float = 0.02
     perplexity_ratio_max: float = 1.05
     retained_recall_drop_max: float = 0.10
+    attacks: dict[str, float] = Field(default_factory=dict)  # {attack: max upper95 of its rate}
+
+    @model_validator(mode="after")
+    def _known_attacks(self) -> "LLMGateParams":
+        _attack_thresholds(self.attacks, LLM_ATTACKS)
+        return self
 
 
 class LLMParams(_Section):
@@ -431,6 +518,7 @@ class LLMParams(_Section):
     unlearn: LLMUnlearnParams = LLMUnlearnParams()
     calibrate: LLMCalibrateParams = LLMCalibrateParams()
     evaluate: LLMEvaluateParams = LLMEvaluateParams()
+    attacks: LLMAttackParams = LLMAttackParams()
     gates: LLMGateParams = LLMGateParams()
 
 

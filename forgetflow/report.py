@@ -83,11 +83,13 @@ def render_html(report: dict, figures: list[Path], certificate: dict | None = No
     esc = html.escape
     rows = []
     base, new = (report.get("metrics") or {}).get("base", {}), (report.get("metrics") or {}).get("new", {})
-    for key in sorted(set(base) | set(new)):
+    for key in sorted((set(base) | set(new)) - {"attacks"}):
         rows.append(f"<tr><td>{esc(key)}</td><td>{_fmt(base.get(key, ''))}</td><td>{_fmt(new.get(key, ''))}</td></tr>")
     gates = "".join(
-        f"<tr class={'pass' if g['passed'] else 'fail'}><td>{esc(g['name'])}</td><td>{_fmt(g['value'])}</td>"
-        f"<td>{'≥' if g['kind'] == 'min' else '≤'} {_fmt(g['threshold'])}</td><td>{'pass' if g['passed'] else 'FAIL'}</td></tr>"
+        f"<tr class={'pass' if g['passed'] else 'fail'}><td>{esc(g['name'])}</td>"
+        f"<td>{'not computed' if g['value'] is None else _fmt(g['value'])}</td>"
+        f"<td>{'≥' if g['kind'] == 'min' else '≤'} {_fmt(g['threshold'])}</td><td>{'pass' if g['passed'] else 'FAIL'}"
+        f"{'' if not g.get('reason') else ': ' + esc(g['reason'])}</td></tr>"
         for g in report.get("gates") or []
     )
     durations = "".join(f"<tr><td>{esc(k)}</td><td>{v:.1f} s</td></tr>" for k, v in (report.get("durations_s") or {}).items())
@@ -110,12 +112,45 @@ version {esc(str(report['base_version']))} &rarr; {esc(str(report['new_version']
 {batch}{error}
 {_plain_words(report, certificate)}
 <h2>Gates</h2><table><tr><th>gate</th><th>value</th><th>threshold</th><th>result</th></tr>{gates}</table>
+{_attacks_html(report)}
 <h2>Metrics (held-out seeds)</h2><table><tr><th>metric</th><th>base</th><th>new</th></tr>{''.join(rows)}</table>
 <h2>Evidence</h2>{''.join(_img(f) for f in figures)}
 <h2>Stage durations</h2><table>{durations}</table>{overhead}
 <h2>Lineage</h2><table>{uris}</table>
 {_certificate_html(certificate)}
 <p><small>Created {esc(report['created'])} by forgetflow.</small></p></body></html>"""
+
+
+def _attack_cell(record: dict | None) -> str:
+    """rate (hits/n), the exact 95% upper bound, and what the rate leaves out when partial."""
+    if not record:
+        return "not run"
+    if record.get("rate") is None:
+        return f"not measured: {html.escape(record.get('reason') or 'no trials')}"
+    extra = "".join(f"<br><small>{html.escape(k.replace('_', ' '))} {_fmt(record[k])}</small>"
+                    for k in ("values_leaked", "partial_rate", "per_sample_rate", "mean_rank_percentile", "sample_rate")
+                    if record.get(k) is not None)
+    return f"{record['rate']:.3g} ({record['hits']}/{record['n']}), upper95 {record['upper95']:.3g}{extra}"
+
+
+def _attacks_html(report: dict) -> str:
+    """One row per attack: the base's and the new version's rate with n and the exact bound;
+    red where the new version's bound is above the attack's gate threshold."""
+    metrics = report.get("metrics") or {}
+    base, new = (metrics.get("base") or {}).get("attacks", {}), (metrics.get("new") or {}).get("attacks", {})
+    if not base and not new:
+        return ""
+    gated = {g["name"].removeprefix("attack:"): g for g in report.get("gates") or [] if g["name"].startswith("attack:")}
+    rows = []
+    for name in dict.fromkeys([*new, *base]):
+        gate = gated.get(name)
+        verdict = ("reported, not gated" if gate is None else
+                   f"{'pass' if gate['passed'] else 'FAIL'}: upper95 &le; {_fmt(gate['threshold'])}")
+        css = "" if gate is None else (" class=pass" if gate["passed"] else " class=fail")
+        rows.append(f"<tr{css}><td>{html.escape(name)}</td><td>{_attack_cell(base.get(name))}</td>"
+                    f"<td>{_attack_cell(new.get(name))}</td><td>{verdict}</td></tr>")
+    return ("<h2>Attacks (held-out material; rate, hits/trials, exact one-sided 95% upper bound)</h2>"
+            "<table><tr><th>attack</th><th>base</th><th>new</th><th>gate</th></tr>" + "".join(rows) + "</table>")
 
 
 def _asked(report: dict, certificate: dict | None) -> str:

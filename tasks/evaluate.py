@@ -21,5 +21,5 @@ def evaluate(ctx: RunContext) -> tuple[RunContext, dict, list[dict]]:
         for name in ("base", "new", "reference"):  # reference: the lineage's teacher (chained diffusion)
             if name in metrics:
                 env.run.metrics(metrics[name], prefix=f"{name}.")
-        env.run.metrics({f"gate.{g['name']}": g["value"] for g in gates})
+        env.run.metrics({f"gate.{g['name']}": g["value"] for g in gates if g["value"] is not None})
     return ctx, metrics, gates

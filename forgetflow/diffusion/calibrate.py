@@ -20,6 +20,8 @@ Text-to-image versions (evaluate_prompts.py), on the retain and forget prompts:
     style_accuracy_drop      = base.style_accuracy - new.style_accuracy      <= max
     remaining_fd_ratio       = new.retain_fd / base.retain_fd                <= max
     nfe_reduction            as above
+A forgetting gate whose metric could not be computed fails closed with the reason (never drops
+out of the list). The evaluate stage adds the attack gates (DiffusionFamily.gates).
 Calibration: evaluate every scale of calibrate.guidance_scales on the calibration seed
 (samples_per_class per remaining class) and take the smallest scale whose gates all pass,
 else the scale with the largest worst-gate margin.
@@ -35,7 +37,7 @@ from forgetflow.config import GateParams, Params
 from forgetflow.diffusion.artifact import load_card
 from forgetflow.diffusion.evaluate import evaluate_version
 from forgetflow.diffusion.evaluate_prompts import evaluate_prompt_version
-from forgetflow.gates import Gate, all_passed
+from forgetflow.gates import Gate, all_passed, metric_gate
 
 CURVE_METRICS = {"class": ("unlearning_accuracy", "override_fidelity", "remaining_class_accuracy", "remaining_fd"),
                  "prompt": ("forget_rate", "paraphrase_forget_rate", "retain_accuracy", "retain_fd")}
@@ -86,13 +88,14 @@ def realism_gates(base_metrics: dict, new_metrics: dict, gate_params: GateParams
 
 def prompt_gates(base_metrics: dict, new_metrics: dict, gate_params: GateParams) -> list[Gate]:
     """A text-to-image version's gates (module docstring)."""
-    g, forgetting = gate_params, []
-    if new_metrics["forget_rate"] is not None:
-        forgetting.append(Gate("forget_rate", new_metrics["forget_rate"], g.forget_rate_max, "max"))
-    if new_metrics.get("paraphrase_forget_rate") is not None:
-        forgetting.append(Gate("paraphrase_forget_rate", new_metrics["paraphrase_forget_rate"],
-                               g.paraphrase_forget_rate_max, "max"))
-    if new_metrics.get("override_fidelity") is not None:
+    g, forgetting, attacks = gate_params, [], new_metrics.get("attacks", {})
+    if "forget" in attacks:  # a concept was forgotten: its gates fail closed when the judge cannot rate it
+        unnamed = attacks["forget"].get("reason", "")
+        forgetting.append(metric_gate("forget_rate", new_metrics["forget_rate"], g.forget_rate_max, "max", unnamed))
+    if "paraphrase" in attacks:
+        forgetting.append(metric_gate("paraphrase_forget_rate", new_metrics["paraphrase_forget_rate"],
+                                      g.paraphrase_forget_rate_max, "max", attacks["paraphrase"].get("reason", "")))
+    if new_metrics.get("override_fidelity") is not None:  # a free-text override the judge has no class for
         forgetting.append(Gate("override_fidelity", new_metrics["override_fidelity"], g.override_fidelity_min, "min"))
     style = []
     if new_metrics.get("style_accuracy") is not None and base_metrics.get("style_accuracy") is not None:

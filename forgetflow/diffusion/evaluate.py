@@ -2,6 +2,7 @@
 
 For forget pairs (c_f, c_o), over samples conditioned on c_f (pooled over the forget classes):
     unlearning_accuracy = 1 - P(judge says c_f)       override_fidelity = P(judge says c_o)
+    attacks.forget      = P(judge says c_f) as a record with n and exact bounds (forgetflow/stats.py)
     forget_confidence   = mean_x max_k p(k | x)       forget_fd = FD(samples, real test c_o)
 (a random override, c_o = RANDOM_OVERRIDE, is met by any remaining class, and its forget_fd is
 taken against real test digits of every remaining class)
@@ -33,6 +34,7 @@ from forgetflow.diffusion.judge import load_judge
 from forgetflow.diffusion.sample_cache import sample_classes
 from forgetflow.diffusion.sampling import nfe, sample
 from forgetflow.diffusion.sfd import RANDOM_OVERRIDE
+from forgetflow.stats import rate_record
 
 
 def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
@@ -117,9 +119,11 @@ def evaluate_version(
         probs = judge.predict_proba(images[is_forget])
         targets = {o for o in pairs.values() if o != RANDOM_OVERRIDE} | (set(remaining) if RANDOM_OVERRIDE in pairs.values() else set())
         real_override = torch.isin(test_labels, torch.tensor(sorted(targets)))
+        judged_forgotten = int((said[is_forget] == labels[is_forget]).sum())
         metrics.update(
             random_override=RANDOM_OVERRIDE in pairs.values(),
-            unlearning_accuracy=1.0 - (said[is_forget] == labels[is_forget]).float().mean().item(),
+            attacks={"forget": rate_record(judged_forgotten, int(is_forget.sum()))},
+            unlearning_accuracy=1.0 - judged_forgotten / int(is_forget.sum()),
             override_fidelity=wanted[is_forget].float().mean().item(),
             forget_confidence=probs.max(dim=1).values.mean().item(),
             forget_fd=frechet_distance(feats[is_forget], test_feats[real_override]),

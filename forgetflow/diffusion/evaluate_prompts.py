@@ -6,6 +6,9 @@ and the prompt's text, so base and new versions see the same noise per prompt):
 
     forget_rate            = P(judge says the concept | forget prompt)          (trained prompts)
     paraphrase_forget_rate = P(judge says the concept | paraphrase)             (never trained on)
+    attacks.forget / .paraphrase  the same two rates as records with n and exact bounds
+                             (forgetflow/stats.py); n = 0 with a reason when the judge has no
+                             class for the concept (its gates then fail closed)
     override_fidelity      = P(judge says the override | forget prompt)
     retain_accuracy        = mean over retained concepts of P(judge says it | its retain prompts)
     style_accuracy         = P(ink fraction on the prompt's side of the style threshold | retain
@@ -33,6 +36,7 @@ from forgetflow.diffusion.evaluate import frechet_distance
 from forgetflow.diffusion.judge import load_judge, load_judge_card
 from forgetflow.diffusion.sample_cache import sample_conditions
 from forgetflow.diffusion.sampling import nfe
+from forgetflow.stats import rate_record
 
 
 def prompt_seed(seed: int, prompt: str) -> int:
@@ -98,7 +102,9 @@ def evaluate_prompt_version(version_dir: Path, judge_dir: Path, spec: dict, para
     feats = judge.features(images)
     of_prompt = {p: ids == i for i, p in enumerate(prompts)}
 
-    def share(prompt_list: list[str], concept_of, want: str = "concept") -> float | None:
+    def judged(prompt_list: list[str], concept_of) -> tuple[int, int]:
+        """(samples the judge calls concept_of(prompt), samples it can judge): a prompt whose
+        concept the judge has no class for counts in neither."""
         hits, n = 0, 0
         for p in prompt_list:
             target = concept_of(p)
@@ -107,6 +113,10 @@ def evaluate_prompt_version(version_dir: Path, judge_dir: Path, spec: dict, para
             mask = of_prompt[p]
             hits += int((said[mask] == names.index(target)).sum())
             n += int(mask.sum())
+        return hits, n
+
+    def share(prompt_list: list[str], concept_of) -> float | None:
+        hits, n = judged(prompt_list, concept_of)
         return hits / n if n else None
 
     record_of = {r["forget_prompt"]: r for r in spec["forget"]}
@@ -126,13 +136,22 @@ def evaluate_prompt_version(version_dir: Path, judge_dir: Path, spec: dict, para
         for p in ps:
             retain_mask |= of_prompt[p]
     paraphrase_concept = {p: c for c, ps in spec.get("paraphrases", {}).items() for p in ps}
-    judged = [a for a in per_concept.values() if a is not None]
+    kept_accuracy = [a for a in per_concept.values() if a is not None]
+    def attack(prompt_list: list[str], concept_of) -> dict:
+        hits, n = judged(prompt_list, concept_of)
+        return rate_record(hits, n) if n else rate_record(0, 0, reason="the judge has no class for the forgotten "
+                                                                          "concept: its rate cannot be measured")
+
+    attacks = {"forget": attack(forget_prompts, lambda p: record_of[p]["concept"])} if forget_prompts else {}
+    if paraphrases:
+        attacks["paraphrase"] = attack(paraphrases, paraphrase_concept.get)
     return {
         "kind": version.card.kind,
+        "attacks": attacks,
         "forget_rate": share(forget_prompts, lambda p: record_of[p]["concept"]) if forget_prompts else None,
         "paraphrase_forget_rate": share(paraphrases, paraphrase_concept.get) if paraphrases else None,
         "override_fidelity": share(forget_prompts, lambda p: record_of[p]["override"]) if forget_prompts else None,
-        "retain_accuracy": float(np.mean(judged)) if judged else None,
+        "retain_accuracy": float(np.mean(kept_accuracy)) if kept_accuracy else None,
         "style_accuracy": torch.cat(style_hits).mean().item() if style_hits else None,
         "retain_fd": frechet_distance(feats[retain_mask], test_feats) if retain_by_concept else None,
         "real_fd_floor": frechet_distance(judge.features(train_images[keep_train]), test_feats) if retain_by_concept else None,

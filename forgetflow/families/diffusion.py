@@ -15,7 +15,7 @@ from pathlib import Path
 from forgetflow.checkpoints import CheckpointSink
 from forgetflow.config import Params
 from forgetflow.families import TargetError
-from forgetflow.gates import Gate
+from forgetflow.gates import Gate, attack_gates
 from forgetflow.request import DeletionRequest
 
 SPEC_FILE = "forget_spec.json"
@@ -243,9 +243,13 @@ class DiffusionFamily:
                 for n in names if n in certified and m.get(n) is not None]
 
     def gates(self, metrics: dict, params: Params) -> list[Gate]:
+        """diffusion_gates, and attack:<name> for each attack of gates.attacks (upper95 <= its
+        threshold; forgetflow/gates.py) where the version forgets something."""
         from forgetflow.diffusion.calibrate import diffusion_gates
 
-        return diffusion_gates(metrics.get("reference", metrics["base"]), metrics["new"], params.diffusion.gates)
+        g, new = params.diffusion.gates, metrics["new"]
+        attacks = attack_gates(new["attacks"], g.attacks) if new.get("attacks") else []
+        return diffusion_gates(metrics.get("reference", metrics["base"]), new, g) + attacks
 
 
 def _grid_prompts(spec: dict, per_kind: int = 3) -> dict[str, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from forgetflow.checkpoints import CheckpointSink
 from forgetflow.config import Params
 from forgetflow.families import TargetError
-from forgetflow.gates import Gate
+from forgetflow.gates import Gate, attack_gates
 from forgetflow.request import DeletionRequest
 
 
@@ -169,7 +169,7 @@ class LLMFamily:
         from forgetflow.llm.artifact import read_card
         from forgetflow.llm.evalkit import QUESTIONS, prose_split
         from forgetflow.llm.evaluate import (Policy, evaluate_llm, leak_metrics, load_questions, raw_policy,
-                                             retained_recall, served_policy, unguided_leaks)
+                                             retained_recall, served_policy, unguided_trials)
         from forgetflow.plots import plot_leak_by_attack
 
         card = read_card(new_dir)
@@ -179,7 +179,7 @@ class LLMFamily:
         prose = prose_split(eval_kit, "evaluate")
         kw = dict(forget_items=forget, retained_items=retained, questions=questions, prose=prose, p=p)
         model, tok, _ = _load(base_dir, params)
-        unguided = unguided_leaks(model, tok, forget, p, "evaluate")  # shared by the base and its control
+        unguided = unguided_trials(model, tok, forget, p, "evaluate")  # shared by the base and its control
         base = evaluate_llm(model, tok, served=raw_policy(), unguided=unguided, **kw)
         control = Policy(card.positive_condition)  # the control phrase alone, no training
         base["control_phrase"] = {**leak_metrics(model, tok, forget, control, p, "evaluate", unguided),
@@ -227,9 +227,12 @@ class LLMFamily:
             Gate(f"leak_rate[{a}]", v, g["threshold"], g["kind"]) for a, v in m["leak_rate_by_attack"].items()]
 
     def gates(self, metrics: dict, params: Params) -> list[Gate]:
+        """llm_gates, and attack:<name> for each attack of gates.attacks (upper95 <= its
+        threshold; forgetflow/gates.py)."""
         from forgetflow.llm.calibrate import llm_gates
 
-        return llm_gates(metrics["base"], metrics["new"], params.llm.gates)
+        g = params.llm.gates
+        return llm_gates(metrics["base"], metrics["new"], g) + attack_gates(metrics["new"].get("attacks", {}), g.attacks)
 
     def next_eval_kit(self, eval_kit: Path, synth_dir: Path, out_dir: Path) -> Path:
         """The next version's kit: the forgotten subjects leave the roster."""
