@@ -1,4 +1,4 @@
-"""Batched greedy decoding and teacher-forced scoring, with classifier-free guidance.
+"""Batched greedy (or seeded sampled) decoding and teacher-forced scoring, with classifier-free guidance.
 
 Guidance mixes the next-token distributions of two conditions (cfg-llm.md):
 
@@ -74,13 +74,27 @@ class _Decoding:
         return self._forward(token[:, None])
 
 
+def next_token(logp: torch.Tensor, temperature: float | None, generator: torch.Generator | None) -> torch.Tensor:
+    """The argmax of each row of log-probabilities [B, V], or with a temperature a draw from
+    softmax(logp / temperature)."""
+    if temperature is None:
+        return logp.argmax(-1)
+    return torch.multinomial(torch.softmax(logp / temperature, -1), 1, generator=generator)[:, 0]
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
              negative_prompts: list[list[int]] | None = None, guidance_scale: float = 1.0,
-             space: Space = "log", progress: bool = False, desc: str = "generate") -> list[str]:
-    """Greedy continuations of token-id prompts (decoded text, up to end-of-turn), in order."""
+             space: Space = "log", progress: bool = False, desc: str = "generate",
+             temperature: float | None = None, generator: torch.Generator | None = None) -> list[str]:
+    """Greedy continuations of token-id prompts (decoded text, up to end-of-turn), in order.
+    With `temperature`, sampled instead: each token from the (guided) next-token distribution
+    at that temperature, drawn with `generator` (on the model's device; required, so that a
+    run never depends on the global random state)."""
     from tqdm.auto import tqdm
 
+    if temperature is not None and (temperature <= 0 or generator is None):
+        raise ValueError("sampling needs a temperature > 0 and an explicit torch.Generator")
     device = next(model.parameters()).device
     guided = negative_prompts is not None and guidance_scale != 1.0
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -94,7 +108,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
         done = torch.zeros(n, dtype=torch.bool, device=device)
         tokens = []
         for _ in range(max_new_tokens):
-            token = guided_logprobs(lp[:n], lp[n:] if guided else None, guidance_scale, space).argmax(-1)
+            token = next_token(guided_logprobs(lp[:n], lp[n:] if guided else None, guidance_scale, space),
+                               temperature, generator)
             token = torch.where(done, torch.full_like(token, pad), token)
             tokens.append(token)
             done |= token == eos
