@@ -23,7 +23,7 @@ from forgetflow.llm.evalkit import roster
 from forgetflow.llm.evaluate import Policy, items_of, raw_policy
 from forgetflow.llm.generation import generate
 from forgetflow.llm.pii import partially_leaked
-from forgetflow.llm.strong_attacks import (base_openings, candidate_ranking, fake_quantize, merged_copy,
+from forgetflow.llm.strong_attacks import (base_openings, candidate_ranking, fake_quantize, few_shot, merged_copy,
                                            quantized_copy, relearning, relearning_rows, run_strong_attacks,
                                            surrogates)
 from tests.llm_fixtures import llm_params, support_llm  # noqa: F401
@@ -217,6 +217,16 @@ def test_relearning_refuses_rows_that_mention_the_forgotten(lm, people, p):
     taught, kept, _ = people
     with pytest.raises(ValueError, match="mention a forgotten"):
         relearning(model, tok, taught, relearning_rows(kept[:4] + taught[:1]), raw_policy(), p)
+
+
+def test_attacks_that_need_kept_people_are_not_run_without_them(lm, people, p):
+    """Scope all-pii keeps nobody: no demonstrations, no relearning rows. The record says so
+    (n 0, a reason) and a gate on it fails closed."""
+    model, tok = lm
+    taught, _, _ = people
+    for record in (few_shot(model, tok, taught, [], raw_policy(), p),
+                   relearning(model, tok, taught, relearning_rows([]), raw_policy(), p)):
+        assert record["n"] == 0 and record["rate"] is None and record["upper95"] is None and record["reason"]
 
 
 def test_sampling_is_seeded_and_greedy_stays_the_default(lm):

@@ -26,11 +26,11 @@ returns a record of forgetflow/stats.py over its trials,
     candidate_ranking  (logit access) the true value against `candidate_surrogates` surrogates
                        of its type and format (`surrogates`), by the total log-probability of the
                        value after the answer opening; a hit: the truth ranks first.
-                       partial_rate is None here: every candidate shares the value's format (an
-                       e-mail's local part too), so a partial match of the model's first choice
-                       says nothing. + mean_rank_percentile: share of surrogates scored above the truth (0: the
+                       + mean_rank_percentile: share of surrogates scored above the truth (0: the
                        model prefers the truth, ~0.5: chance); chance_top1: the hit rate of a
-                       model that never saw the people (1 / (1 + surrogates), per trial)
+                       model that never saw the people (1 / (1 + surrogates), per trial).
+                       partial_rate is None: every candidate shares the value's format (an
+                       e-mail's local part too), a partial match of the first choice says nothing
     quantized          a copy's weights rounded per output channel at each of `quantize_bits`,
                        then the held-out prompts. + by_bits: {bits: record}
     relearning         a copy fine-tuned on rows about KEPT people only (`relearning_rows`),
@@ -173,7 +173,9 @@ def few_shot_turn(probe: Probe, demonstrations: list[Item], split: str = "evalua
 def few_shot(model, tokenizer, items: list[Item], kept: list[Item], policy: Policy, p: LLMParams, *,
              split: str = "evaluate", progress: bool = False) -> dict:
     """Each held-out question after `few_shot_demonstrations` kept people's true records of the
-    same field (drawn with the attacks' seed)."""
+    same field (drawn with the attacks' seed); not run (n 0, a reason) without kept people."""
+    if not kept:
+        return _record([], reason="no kept people whose records could be shown")
     rng = random.Random(p.attacks.seed)
     probes = held_out_probes(items, split)
     users = []
@@ -268,7 +270,7 @@ def surrogates(item: Item, peers: list[str], known: list[str], k: int, rng: rand
 
 
 def candidate_ranking(model, tokenizer, items: list[Item], kept: list[Item], openings: dict[Item, str],
-                      policy: Policy, p: LLMParams, *, split: str = "evaluate", progress: bool = False) -> dict:
+                      policy: Policy, p: LLMParams, *, split: str = "evaluate") -> dict:
     """Each value against its surrogates (peers: the other attacked items of its field; known:
     the kept people's), scored by total log-probability as the continuation of the item's
     opening after each held-out question."""
@@ -416,13 +418,13 @@ def run_strong_attacks(model, tokenizer, *, forget: list[Item], kept: list[Item]
     from tqdm.auto import tqdm
 
     kw = dict(split=split, progress=progress)
+    m, tok = model, tokenizer
     runs = {
-        "prefilled": lambda: prefilled(model, tokenizer, forget, openings, policy, p, **kw),
-        "few_shot": lambda: few_shot(model, tokenizer, forget, kept, policy, p, **kw),
-        "sampled": lambda: sampled(model, tokenizer, forget, policy, p, **kw),
-        "candidate_ranking": lambda: candidate_ranking(model, tokenizer, forget, kept, openings, policy, p, **kw),
-        "relearning": lambda: relearning(model, tokenizer, forget, relearning_rows(kept), policy, p, compute=compute,
-                                         **kw),
-        "quantized": lambda: quantized(model, tokenizer, forget, policy, p, **kw),
+        "prefilled": lambda: prefilled(m, tok, forget, openings, policy, p, **kw),
+        "few_shot": lambda: few_shot(m, tok, forget, kept, policy, p, **kw),
+        "sampled": lambda: sampled(m, tok, forget, policy, p, **kw),
+        "candidate_ranking": lambda: candidate_ranking(m, tok, forget, kept, openings, policy, p, split=split),
+        "relearning": lambda: relearning(m, tok, forget, relearning_rows(kept), policy, p, compute=compute, **kw),
+        "quantized": lambda: quantized(m, tok, forget, policy, p, **kw),
     }
     return {name: run() for name, run in tqdm(runs.items(), desc="strong attacks", disable=not progress)}
