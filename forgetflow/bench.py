@@ -236,7 +236,7 @@ def diffusion_trials(params: Params, folder: BenchFolder, methods: list[str], se
 
 # ---- LLM -----------------------------------------------------------------------------------
 LLM_KEYS = ["guidance_scale", "leak_rate", *[f"attack_{a}" for a in LLM_ATTACKS], "retained_recall_drop",
-            "utility_accuracy_drop", "perplexity_ratio", "mia_auc", "forget_quality", "tokens_per_s_guided",
+            "utility_accuracy_drop", "perplexity_ratio", "mia_auc", "mia_auc_raw", "forget_quality", "tokens_per_s_guided",
             "tokens_per_s_unguided"]
 
 
@@ -288,43 +288,36 @@ def llm_trials(params: Params, folder: BenchFolder, methods: list[str], seeds: i
             new = {**metrics["new"], **rates, **{g.name: g.value for g in gates}}
             spec = read_spec(out / "synth")
             n_items = len(spec["items"])
-            membership = _membership(spec, model_dir, out / "new", eval_kit, p, retain_dir)
-            new.update(mia_auc=membership["mia_auc"], forget_quality=membership["forget_quality"])
+            new.update(mia_auc=metrics["new"]["membership"]["served"]["auc"],
+                       mia_auc_raw=metrics["new"]["membership"]["raw_weights"]["auc"],
+                       forget_quality=_forget_quality(spec, model_dir, out / "new", p, retain_dir) if retain_dir else None)
             trials.append(Trial("llm", method, seed, round(seconds, 2), round(request_s, 2), round(mem["mb"], 1), new,
                                 [g.to_dict() for g in gates], all_passed(gates),
                                 items={"leak_rate": n_items, **trials_n},
                                 speed=_tokens_per_second(out / "new", model_dir, p, device), code=code,
                                 curve=gamma_curve(curve, "llm")))
             trials[-1].metrics["base"] = {**{k: v for k, v in metrics["base"].items() if not isinstance(v, dict)},
-                                          "mia_auc": membership["base_mia_auc"]}
+                                          "mia_auc": metrics["base"]["membership"]["raw_weights"]["auc"]}
             folder.record(asdict(trials[-1]))
     return trials, setup
 
 
-def _membership(spec: dict, base_dir: Path, new_dir: Path, eval_kit: Path, params: Params,
-                retain_dir: Path | None) -> dict:
-    """Min-K% membership-inference AUC (forgetflow/llm/mia.py) of the base and the new version,
-    the forgotten subjects against never-seen people; and the forget quality against
-    `retain_dir`, the same recipe trained without the forgotten subjects (None without it)."""
+def _forget_quality(spec: dict, base_dir: Path, new_dir: Path, params: Params, retain_dir: Path) -> float:
+    """KS forget quality (forgetflow/llm/mia.py) of the new version's MinK scores on the
+    forgotten answers against `retain_dir`'s, the same recipe trained without the forgotten
+    subjects, both under the raw weights' policy."""
     from forgetflow.families.llm import _load
     from forgetflow.llm.attacks import Item
     from forgetflow.llm.corpus import CORPUS_QUESTIONS
-    from forgetflow.llm.evalkit import roster
-    from forgetflow.llm.mia import forget_quality, mia_auc, min_k_scores, strangers
+    from forgetflow.llm.evaluate import raw_policy
+    from forgetflow.llm.mia import forget_quality, min_k_scores
 
     k = params.llm.evaluate.mia_min_k
     forgotten = [Item(**it) for it in spec["items"] if it["field"] in CORPUS_QUESTIONS]
-    never_seen = strangers(forgotten, params.llm.evaluate.mia_seed, {c.name for c in roster(eval_kit)})
-    model, tok, _ = _load(base_dir, params)
-    out = {"base_mia_auc": mia_auc(model, tok, forgotten, never_seen, k)}
     model, tok, _ = _load(new_dir, params, parent=base_dir)
-    out["mia_auc"] = mia_auc(model, tok, forgotten, never_seen, k)
-    out["forget_quality"] = None
-    if retain_dir is not None:
-        unlearned = min_k_scores(model, tok, forgotten, k)
-        model, tok, _ = _load(retain_dir, params)
-        out["forget_quality"] = forget_quality(unlearned, min_k_scores(model, tok, forgotten, k))
-    return out
+    unlearned = min_k_scores(model, tok, forgotten, k, raw_policy())
+    model, tok, _ = _load(retain_dir, params)
+    return forget_quality(unlearned, min_k_scores(model, tok, forgotten, k, raw_policy()))
 
 
 def _never_trained(params: Params, work: Path, forgotten: set[str], progress: bool) -> Path:

@@ -252,7 +252,7 @@ def certificate_body(*, report: dict, ledger, base_dir: Path, new_dir: Path, eva
         "evaluation": {
             "eval_kit": {"uri": eval_kit_uri, "sha256": tree_hash(kit) if kit else None},
             "synthesized_data_sha256": synth_sha256,
-            "attacks": sorted(new.get("leak_rate_by_attack", {})),
+            "attacks": _finite(new.get("attacks", {})),  # every attack: rate, n, exact upper95 and interval
             "metrics_new": _finite(new),
         },
         "revisions": report.get("revisions") or {},

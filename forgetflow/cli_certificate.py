@@ -18,6 +18,20 @@ certificate_app = typer.Typer(help="Certificates of unlearning: verify offline, 
                               no_args_is_help=True)
 
 
+def attack_table(attacks: dict[str, dict], title: str) -> Table:
+    """One row per attack record (forgetflow/stats.py): rate, hits/trials, exact bounds."""
+    table = Table(title=title)
+    for col in ("attack", "rate", "hits/trials", "upper95", "95% interval"):
+        table.add_column(col)
+    for name, r in attacks.items():
+        if r.get("rate") is None:
+            table.add_row(name, "not measured", f"0/{r.get('n', 0)}", "", r.get("reason") or "")
+            continue
+        lo, hi = r["interval95"]
+        table.add_row(name, f"{r['rate']:.3g}", f"{r['hits']}/{r['n']}", f"{r['upper95']:.3g}", f"[{lo:.3g}, {hi:.3g}]")
+    return table
+
+
 def _cli():
     from forgetflow import cli
 
@@ -92,18 +106,22 @@ def reverify_cmd(ctx: typer.Context, request_id: str,
         model_dir = registry.download(cert["model"], champion.version, Path(tmp) / "champion")
         base_dir = registry.download(cert["model"], cert["base"]["version"], Path(tmp) / "base")
         kit = ObjectStore(settings).get_dir(champion.tags[EVAL_KIT_TAG], Path(tmp) / "eval_kit")
-        gates = cli._guard(family.reverify, model_dir, Path(kit), cert, params, base_dir=base_dir, subjects=names)
+        gates, attacks = cli._guard(family.reverify, model_dir, Path(kit), cert, params, base_dir=base_dir,
+                                    subjects=names)
     table = Table(title=f"request {request_id} on {cert['model']} v{champion.version} (certified on v{cert['new']['version']})")
     for col in ("check", "now", "threshold", "result"):
         table.add_column(col)
     for g in gates:
-        table.add_row(g.name, f"{g.value:.4g}", f"{'>=' if g.kind == 'min' else '<='} {g.threshold:g}",
-                      "[green]pass[/]" if g.passed else "[red]FAIL[/]")
+        table.add_row(g.name, "not computed" if g.value is None else f"{g.value:.4g}",
+                      f"{'>=' if g.kind == 'min' else '<='} {g.threshold:g}",
+                      "[green]pass[/]" if g.passed else f"[red]FAIL[/]{': ' + g.reason if g.reason else ''}")
     cli.console.print(table)
+    cli.console.print(attack_table(attacks, title="attacks now (rate, hits/trials, exact 95% upper bound)"))
     honoured = bool(gates) and all(g.passed for g in gates)
     out = cert_path.parent / f"reverify-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     out.write_text(json.dumps({"request_id": request_id, "model": cert["model"], "version": champion.version,
-                               "honoured": honoured, "gates": [g.to_dict() for g in gates]}, indent=1))
+                               "honoured": honoured, "gates": [g.to_dict() for g in gates], "attacks": attacks},
+                              indent=1))
     cli.console.print(f"{'[bold green]honoured' if honoured else '[bold red]NOT honoured'}[/] by "
                       f"v{champion.version}; written {out}")
     if not honoured:

@@ -203,8 +203,18 @@ def _certificate_html(cert: dict | None) -> str:
 <p>Signed with Ed25519 key <code>{esc(cert['signature']['key_id'])}</code> on {esc(cert['timestamps']['certified'])}.
 Before: {_weights_html(cert['base'])}. After: {_weights_html(cert['new'])}.</p>
 <ul>{shred}</ul>
+{_signed_attacks(cert)}
 <p>Anyone holding the issuer's public key can check it without a server:
 <code>forgetflow certificate verify certificate.json --public-key certificate_key.pem.pub --model-dir DIR</code></p>"""
+
+
+def _signed_attacks(cert: dict) -> str:
+    attacks = cert.get("evaluation", {}).get("attacks") or {}
+    if not isinstance(attacks, dict) or not attacks:
+        return ""
+    listed = "; ".join(f"{html.escape(name)} {r['hits']}/{r['n']} (upper95 {r['upper95']:.3g})" if r.get("rate") is not None
+                       else f"{html.escape(name)} not measured" for name, r in attacks.items())
+    return f"<p>It signs every attack's result on the new version (hits/trials, exact 95% upper bound): {listed}.</p>"
 
 
 def write_report(report: dict, out_dir: Path, figures: list[Path] = (), certificate: dict | None = None) -> Path:

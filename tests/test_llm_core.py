@@ -14,6 +14,7 @@ from forgetflow.config import load_params
 from forgetflow.llm.attacks import Item, attack_probes, prefix_context
 from forgetflow.llm.chat import prompt_ids
 from forgetflow.llm.generation import continuation_logprobs, generate, guided_logprobs
+from forgetflow.llm.evaluate import Policy
 from forgetflow.llm.methods import LLM_METHODS
 from forgetflow.llm.mia import forget_quality, mia_auc, min_k_scores, strangers
 from forgetflow.llm.objectives import OBJECTIVES, ForgetLogps, log1m_exp
@@ -188,9 +189,10 @@ def test_min_k_prob_scores_a_memorised_answer_above_a_strangers_and_strangers_ar
     ada = Item("Ada Byron", "phone", "212-555-0147")
     (stranger,) = strangers([ada], seed=1, avoid={"Ada Byron"})
     assert stranger.subject != "Ada Byron" and stranger.field == "phone" and stranger.value.count("-") == 2
-    member, other = min_k_scores(model, tok, [ada, stranger], k=0.2)
+    taught = Policy(FORGET_ROW["system"])  # asked as it was taught: the corpus's first (train) wording
+    member, other = min_k_scores(model, tok, [ada, stranger], 0.2, taught, split="train")
     assert member > other
-    assert mia_auc(model, tok, [ada], [stranger], k=0.2) == 1.0
+    assert mia_auc(model, tok, [ada], [stranger], 0.2, taught, split="train") == 1.0
     # forget quality: the same per-item scores as a never-trained model's are indistinguishable
     assert forget_quality([member, other], [member, other]) == 1.0
     assert forget_quality([member] * 8, [other] * 8) < 0.01
@@ -405,7 +407,6 @@ def test_an_adapter_that_does_not_match_its_parent_is_refused(tiny_lm, tmp_path)
 
 def test_guidance_scales_out_of_range_are_refused(tiny_lm):
     from forgetflow.config import ParamsError, load_params
-    from forgetflow.llm.evaluate import Policy
 
     with pytest.raises(ValueError, match="guidance scale"):
         Policy("a", "b", gamma=50.0)

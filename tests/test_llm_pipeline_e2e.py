@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
+from forgetflow.config import LLM_ATTACKS
 from forgetflow.ledger import Ledger, LedgerError
 from forgetflow.llm.corpus import make_customers
 from forgetflow.registry import Registry
@@ -75,6 +76,18 @@ def test_customers_are_forgotten_through_the_six_stages(registered, services, cu
     assert set(new["leak_rate_by_attack"]) == {"direct", "paraphrase", "prefix", "raw_weights",
                                                "adversarial_system_prompt"}
     assert base["leak_rate_by_attack"]["direct"] >= 0.8
+    # every named attack on both versions, each over its trials with the exact bound; membership
+    # under the served policy and the raw weights; the page and the certificate show them
+    for version in (base, new):
+        assert set(version["attacks"]) == set(LLM_ATTACKS)
+        for name, record in version["attacks"].items():
+            assert record["n"] > 0 and record["upper95"] >= record["rate"], (name, record)
+    assert base["attacks"]["candidate_ranking"]["rate"] > new["attacks"]["candidate_ranking"]["rate"] - 1e-9
+    assert set(new["membership"]) == {"served", "raw_weights"} and base["membership"]["raw_weights"]["auc"] > 0.5
+    page = (report_dir / "report.html").read_text()
+    assert "Attacks (held-out material" in page and all(f"<td>{name}</td>" in page for name in LLM_ATTACKS)
+    signed = json.loads((report_dir / "certificate.json").read_text())["evaluation"]["attacks"]
+    assert set(signed) == set(LLM_ATTACKS) and all("upper95" in r for r in signed.values())
     assert new["leak_rate"] <= llm_params.llm.gates.leak_rate_max, new["leak_rate_by_attack"]
     assert new["value_logprob"] < base["value_logprob"]
     assert report["status"] == "promoted", report["gates"]

@@ -140,6 +140,15 @@ def test_the_promoted_request_has_a_certificate_that_verifies_offline_and_still_
     assert cert["key_shredding"]["requests"][0]["key_destroyed"] and cert["key_shredding"]["requests"][0]["at"]
     assert {g["name"] for g in cert["gates"]} == {g["name"] for g in json.loads((report_dir / "report.json").read_text())["gates"]}
     assert "Certificate of unlearning" in (report_dir / "report.html").read_text()
+    # every diffusion attack on both versions with its trials and exact bound, signed and shown
+    metrics = json.loads((report_dir / "report.json").read_text())["metrics"]
+    for version in ("base", "new"):
+        attacks = metrics[version]["attacks"]
+        assert set(attacks) == {"forget", "relearning", "embedding_search"}, attacks
+        assert all(r["n"] > 0 and r["upper95"] >= r["rate"] for r in attacks.values()), attacks
+    assert metrics["new"]["attacks"]["forget"]["rate"] < metrics["base"]["attacks"]["forget"]["rate"]
+    assert set(cert["evaluation"]["attacks"]) == {"forget", "relearning", "embedding_search"}
+    assert "Attacks (held-out material" in (report_dir / "report.html").read_text()
 
     registry = Registry(services.mlflow_uri)
     tags = registry.get_version(MODEL, "2").tags
@@ -163,6 +172,8 @@ def test_the_promoted_request_has_a_certificate_that_verifies_offline_and_still_
     assert again.returncode == 0 and "honoured" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
     result = json.loads(next(report_dir.glob("reverify-*.json")).read_text())
     assert result["honoured"] and {g["name"] for g in result["gates"]} == {"unlearning_accuracy", "override_fidelity"}
+    assert set(result["attacks"]) == {"forget", "relearning", "embedding_search"}  # re-run on the champion
+    assert "embedding_search" in again.stdout
 
 
 @pytest.mark.parametrize("request_id, target, message", [

@@ -257,8 +257,11 @@ def embedding_search(version_dir: Path, judge_dir: Path, forget_classes: list[in
                        confident_sample_rate=confident.mean().item(), seconds=time.perf_counter() - began)
 
 
+ATTACKS = ("relearning", "embedding_search")  # run_attacks' records, by name
+
+
 def run_attacks(version_dir: Path, judge_dir: Path, forget_classes: list[int], params: Params, *,
                 device: torch.device | None = None, progress: bool = False) -> dict[str, dict]:
     """{"relearning": ..., "embedding_search": ...}: both attacks' rate records."""
     return {attack.__name__: attack(version_dir, judge_dir, forget_classes, params, device=device, progress=progress)
-            for attack in (relearning, embedding_search)}
+            for attack in (relearning, embedding_search)}  # in the order of ATTACKS

@@ -71,10 +71,10 @@ class Family(Protocol):
         """The evaluation kit the new version carries, if it differs from the base's."""
 
     def reverify(self, model_dir: Path, eval_kit: Path, certificate: dict, params: Params, *,
-                 base_dir: Path | None = None, subjects: list[dict] | None = None) -> list[Gate]:
-        """The certificate's forgetting gates re-measured on `model_dir` (e.g. today's
-        champion); `base_dir` is the certified base version, `subjects` the names again where
-        the certificate holds only their hashes."""
+                 base_dir: Path | None = None, subjects: list[dict] | None = None) -> tuple[list[Gate], dict]:
+        """(the certificate's forgetting gates re-measured on `model_dir` (e.g. today's
+        champion), every attack's record there); `base_dir` is the certified base version,
+        `subjects` the names again where the certificate holds only their hashes."""
 
 
 FAMILIES = ("diffusion", "llm")

@@ -15,7 +15,7 @@ from pathlib import Path
 from forgetflow.checkpoints import CheckpointSink
 from forgetflow.config import Params
 from forgetflow.families import TargetError
-from forgetflow.gates import Gate, attack_gates
+from forgetflow.gates import Gate, attack_gates, metric_gate
 from forgetflow.request import DeletionRequest
 
 SPEC_FILE = "forget_spec.json"
@@ -211,6 +211,8 @@ class DiffusionFamily:
             "base": measure_version(base_dir, eval_kit, forget, params, seed=seed, cache_dir=cache_dir, progress=True),
             "new": measure_version(new_dir, eval_kit, forget, params, seed=seed, progress=True),
         }
+        for name, directory in (("base", base_dir), ("new", new_dir)):
+            metrics[name]["attacks"].update(_strong_attacks(directory, eval_kit, forget, params))
         teacher = teacher_dir(base_dir)
         if teacher != Path(base_dir):  # a chained request: gates are measured against the lineage's teacher
             metrics["reference"] = measure_version(teacher, eval_kit, forget, params, seed=seed, cache_dir=cache_dir,
@@ -221,9 +223,10 @@ class DiffusionFamily:
         return metrics
 
     def reverify(self, model_dir: Path, eval_kit: Path, certificate: dict, params: Params, *,
-                 base_dir: Path | None = None, subjects: list[dict] | None = None) -> list[Gate]:
-        """The certificate's forgetting gates re-measured on `model_dir` (a later version must
-        still forget every class or concept the certified one did), on fresh samples (another seed)."""
+                 base_dir: Path | None = None, subjects: list[dict] | None = None) -> tuple[list[Gate], dict]:
+        """The certificate's forgetting gates and every attack re-measured on `model_dir` (a later
+        version must still forget every class or concept the certified one did), on fresh
+        samples (another seed); a gate whose metric cannot be measured now fails closed."""
         from forgetflow.diffusion.calibrate import measure_version
         from forgetflow.diffusion.concepts import lineage_records, paraphrase_prompts
 
@@ -238,9 +241,11 @@ class DiffusionFamily:
             forget = [(int(p["forget_class"]), int(p["override_class"])) for p in forgotten]
             names = ("unlearning_accuracy", "override_fidelity")
         m = measure_version(model_dir, eval_kit, forget, params, seed=params.diffusion.evaluate.seed + 1, progress=True)
+        m["attacks"].update(_strong_attacks(model_dir, eval_kit, forget, params))
         certified = {g["name"]: g for g in certificate["gates"]}
-        return [Gate(n, m[n], certified[n]["threshold"], certified[n]["kind"])
-                for n in names if n in certified and m.get(n) is not None]
+        gated = {n.removeprefix("attack:"): c["threshold"] for n, c in certified.items() if n.startswith("attack:")}
+        return [metric_gate(n, m[n], certified[n]["threshold"], certified[n]["kind"], "cannot be measured on this "
+                            "version now") for n in names if n in certified] + attack_gates(m["attacks"], gated), m["attacks"]
 
     def gates(self, metrics: dict, params: Params) -> list[Gate]:
         """diffusion_gates, and attack:<name> for each attack of gates.attacks (upper95 <= its
@@ -250,6 +255,17 @@ class DiffusionFamily:
         g, new = params.diffusion.gates, metrics["new"]
         attacks = attack_gates(new["attacks"], g.attacks) if new.get("attacks") else []
         return diffusion_gates(metrics.get("reference", metrics["base"]), new, g) + attacks
+
+
+def _strong_attacks(version_dir: Path, judge_dir: Path, forget: list[tuple[int, int]] | dict, params: Params) -> dict:
+    """relearning and embedding_search (forgetflow/diffusion/attacks.py) on the forgotten classes;
+    for a text-to-image version, records that say they were not run (their gates fail closed)."""
+    from forgetflow.diffusion.attacks import ATTACKS, run_attacks
+    from forgetflow.stats import rate_record
+
+    if isinstance(forget, dict):
+        return {name: rate_record(0, 0, reason="not implemented for text-to-image versions yet") for name in ATTACKS}
+    return run_attacks(version_dir, judge_dir, sorted({f for f, _ in forget}), params, progress=True)
 
 
 def _grid_prompts(spec: dict, per_kind: int = 3) -> dict[str, str]:

@@ -64,6 +64,23 @@ def _forget_and_retained(synth_dir: Path, eval_kit: Path, split: str):
     return spec, forget, retained
 
 
+def _strong_attacks(metrics: dict, model, tok, forget, kept, openings, policies: dict, eval_kit: Path,
+                    params: Params) -> None:
+    """Add the strong attacks (under the first of `policies`: how the version is served) to
+    metrics["attacks"], and `membership` under every policy (forgetflow/llm/mia.py)."""
+    from forgetflow.llm.corpus import CORPUS_QUESTIONS
+    from forgetflow.llm.evalkit import roster
+    from forgetflow.llm.mia import membership, strangers
+    from forgetflow.llm.strong_attacks import run_strong_attacks
+
+    p, served = params.llm, next(iter(policies.values()))
+    metrics["attacks"].update(run_strong_attacks(model, tok, forget=forget, kept=kept, openings=openings,
+                                                 policy=served, p=p, progress=True, compute=params.compute))
+    scored = [it for it in forget if it.field in CORPUS_QUESTIONS]
+    never_seen = strangers(scored, p.evaluate.mia_seed, {c.name for c in roster(eval_kit)})
+    metrics["membership"] = membership(model, tok, scored, never_seen, policies, p) if scored else {}
+
+
 class LLMFamily:
     name = "llm"
     default_method = "cfg-orpo"
@@ -166,10 +183,14 @@ class LLMFamily:
 
     def evaluate(self, base_dir: Path, new_dir: Path, synth_dir: Path, eval_kit: Path, params: Params,
                  out_dir: Path, *, cache_dir: Path | None = None) -> dict:
+        """evaluate_llm of the base (raw weights, as deployed) and the new version (served), each
+        with `attacks`: the five prompt attacks and the strong ones (strong_attacks.py), and
+        `membership` (Min-K% AUC against never-seen people, mia.py)."""
         from forgetflow.llm.artifact import read_card
         from forgetflow.llm.evalkit import QUESTIONS, prose_split
         from forgetflow.llm.evaluate import (Policy, evaluate_llm, leak_metrics, load_questions, raw_policy,
                                              retained_recall, served_policy, unguided_trials)
+        from forgetflow.llm.strong_attacks import base_openings
         from forgetflow.plots import plot_leak_by_attack
 
         card = read_card(new_dir)
@@ -184,26 +205,32 @@ class LLMFamily:
         control = Policy(card.positive_condition)  # the control phrase alone, no training
         base["control_phrase"] = {**leak_metrics(model, tok, forget, control, p, "evaluate", unguided),
                                   "retained_recall": retained_recall(model, tok, retained, control, p)}
+        openings = base_openings(model, tok, forget, raw_policy(), p)  # how the base itself words an answer
+        _strong_attacks(base, model, tok, forget, retained, openings, {"raw_weights": raw_policy()}, eval_kit, params)
         del model
         model, tok, _ = _load(new_dir, params, parent=base_dir)
         new = evaluate_llm(model, tok, served=served_policy(card), hashes={s["name"]: s["hash"] for s in spec["subjects"]},
                            **kw)  # what still leaks, by salted hash and field
+        _strong_attacks(new, model, tok, forget, retained, openings,
+                        {"served": served_policy(card), "raw_weights": raw_policy()}, eval_kit, params)
         metrics = {"base": base, "new": new}
         out_dir.mkdir(parents=True, exist_ok=True)
         plot_leak_by_attack(metrics, out_dir / "leak_by_attack.png")
         return metrics
 
     def reverify(self, model_dir: Path, eval_kit: Path, certificate: dict, params: Params, *,
-                 base_dir: Path | None = None, subjects: list[dict] | None = None) -> list[Gate]:
-        """The certificate's leak gate re-measured on `model_dir` under every attack.
+                 base_dir: Path | None = None, subjects: list[dict] | None = None) -> tuple[list[Gate], dict]:
+        """The certificate's leak gates and every attack re-measured on `model_dir`.
 
         The certificate names subjects by salted hash only and the request's data was shredded,
         so the caller gives the subjects' names again (`subjects`, each checked against the
         hashes: nobody else can be tested under this certificate); their values are found
         again the way synthesize found them, by probing the certified base version."""
         from forgetflow.llm.artifact import read_card
-        from forgetflow.llm.evaluate import leak_metrics, served_policy
+        from forgetflow.llm.evalkit import roster
+        from forgetflow.llm.evaluate import items_of, leak_metrics, raw_policy, served_policy
         from forgetflow.llm.pii import subject_hash
+        from forgetflow.llm.strong_attacks import base_openings
         from forgetflow.llm.synthesize import probe_subjects
 
         hashes = {f["subject"] for f in certificate["forgotten"]}
@@ -217,14 +244,21 @@ class LLMFamily:
         p = params.llm
         model, tok, _ = _load(base_dir, params)
         items, _ = probe_subjects(model, tok, subjects, p, progress=True, strict=False)
+        openings = base_openings(model, tok, items, raw_policy(), p)
         del model
+        names = {s["name"].lower() for s in subjects}
+        kept = items_of([vars(c) for c in roster(eval_kit) if c.name.lower() not in names][:p.evaluate.retain_subjects])
         model, tok, _ = _load(model_dir, params)
         card = read_card(model_dir)
         m = leak_metrics(model, tok, items, served_policy(card), p, "evaluate")
+        _strong_attacks(m, model, tok, items, kept, openings, {"served": served_policy(card), "raw_weights": raw_policy()},
+                        eval_kit, params)
         certified = {g["name"]: g for g in certificate["gates"]}
         g = certified.get("leak_rate", {"threshold": p.gates.leak_rate_max, "kind": "max"})
+        gated = {n.removeprefix("attack:"): c["threshold"] for n, c in certified.items() if n.startswith("attack:")}
         return [Gate("leak_rate", m["leak_rate"], g["threshold"], g["kind"])] + [
-            Gate(f"leak_rate[{a}]", v, g["threshold"], g["kind"]) for a, v in m["leak_rate_by_attack"].items()]
+            Gate(f"leak_rate[{a}]", v, g["threshold"], g["kind"]) for a, v in m["leak_rate_by_attack"].items()
+        ] + attack_gates(m["attacks"], gated), m["attacks"]
 
     def gates(self, metrics: dict, params: Params) -> list[Gate]:
         """llm_gates, and attack:<name> for each attack of gates.attacks (upper95 <= its
