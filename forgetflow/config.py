@@ -313,6 +313,9 @@ class EmbeddingSearchParams(_Section):
     steps: int = Field(50, ge=1, le=10_000)
     lr: float = Field(0.05, gt=0.0, le=10.0)
     samples_per_restart: int = Field(8, ge=1, le=1024)
+    init_noise: float = Field(0.1, ge=0.0, le=10.0)  # restart noise, in units of the embedding table's std
+    sampler_steps: int = Field(5, ge=1, le=1000)  # a multi-step version: DDIM steps differentiated through
+    confident_probability: float = Field(0.9, gt=0.0, lt=1.0)  # a sample is a confident c_f at this p_judge(c_f)
 
 
 class DiffusionAttackParams(_Section):

@@ -137,7 +137,7 @@ def test_the_search_climbs_the_judges_log_probability(forgotten_dir, judge_dir, 
     rng = torch.Generator().manual_seed(0)
     targets = torch.full((budget.restarts,), 7)
     z = torch.randn((budget.restarts * budget.samples_per_restart, *version.sample_shape), generator=rng)
-    start = initial_embeddings(table, targets, rng)
+    start = initial_embeddings(table, targets, rng, budget.init_noise)
     null = table[version.card.null_class]
     found = search_embeddings(version, judge, start, null, targets, z, params, progress=False)
     ids = torch.arange(budget.restarts).repeat_interleave(budget.samples_per_restart)

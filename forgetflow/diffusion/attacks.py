@@ -20,17 +20,17 @@ whose override merely masks c_f may.
 
 embedding_search (the conditioning searched). The class-conditional UNet adds the embedding
 E[c] of its label to its time embedding; the attack searches that vector. For each forget class
-and restart r: e_r = E[c_f] + EMBEDDING_INIT_NOISE * std(E) * n_r (n_r ~ N(0, I)), noise z_r
+and restart r: e_r = E[c_f] + init_noise * std(E) * n_r (n_r ~ N(0, I)), noise z_r
 (samples_per_restart draws, fixed), and embedding_search.steps Adam steps at
 embedding_search.lr on
     L(e_r) = - mean_i log p_judge(c_f | clamp(x(z_{r,i}; e_r), -1, 1))
 differentiating through the sampler: one UNet call for a one-step version (two when guided),
-SEARCH_DDIM_STEPS DDIM steps for a multi-step one. The final e_r is then sampled as the version
+sampler_steps DDIM steps for a multi-step one. The final e_r is then sampled as the version
 serves (the one-step generator, or its full DDIM sampler) from the same z_r and judged:
     rate = hits / n,   hits = #restarts whose samples the judge calls c_f by majority (> half),
                        n = restarts * len(forget_classes)
     sample_rate = the share of all final samples the judge calls their c_f;
-    confident_sample_rate = the share with p_judge(c_f | x) >= CONFIDENT_PROBABILITY.
+    confident_sample_rate = the share with p_judge(c_f | x) >= confident_probability (embedding_search's).
 The judge is differentiated through, so the search may find images that fool it rather than
 draw c_f: on the tiny SFD version that forgot 7, at the default budget, 9 of 16 restarts and 62%
 of the samples were judged 7, only 3% with p >= 0.9, grey off-manifold images that an SVC fitted
@@ -64,9 +64,6 @@ from forgetflow.diffusion.sampling import (_sample_ddim, eps_prediction, generat
 from forgetflow.diffusion.train_base import optimizer_step
 from forgetflow.stats import rate_record
 
-EMBEDDING_INIT_NOISE = 0.1  # embedding_search: restart noise, in units of the embedding table's std
-SEARCH_DDIM_STEPS = 5  # embedding_search on a multi-step version: DDIM steps differentiated through
-CONFIDENT_PROBABILITY = 0.9  # embedding_search: a sample is a confident c_f when p_judge(c_f | x) reaches it
 
 
 @dataclass(frozen=True)
@@ -179,22 +176,22 @@ def relearning(version_dir: Path, judge_dir: Path, forget_classes: list[int], pa
 
 def differentiable_sample(version: DiffusionVersion, z: Tensor, ids: Tensor, cond: EmbeddingConditioning,
                           params: Params) -> Tensor:
-    """x(z; ids) in [-1, 1] with gradients: the one-step generator, or SEARCH_DDIM_STEPS DDIM steps."""
+    """x(z; ids) in [-1, 1] with gradients: the one-step generator, or sampler_steps DDIM steps."""
     w = version.card.guidance_scale
     if version.card.kind == "one-step":
         x = generate_one_step(version.generator, version.scheduler, z, ids, version.card.t_init, w, cond,
                               params.compute)
     else:
         short = params.diffusion.model_copy(update={
-            "sampler": params.diffusion.sampler.model_copy(update={"num_inference_steps": SEARCH_DDIM_STEPS})})
+            "sampler": params.diffusion.sampler.model_copy(update={"num_inference_steps": params.diffusion.attacks.embedding_search.sampler_steps})})
         x = _sample_ddim(version, z, ids, w, cond, params.model_copy(update={"diffusion": short}))
     return x.clamp(-1.0, 1.0)
 
 
-def initial_embeddings(table: Tensor, classes: Tensor, rng: torch.Generator) -> Tensor:
-    """One start per row of `classes`: E[c] + EMBEDDING_INIT_NOISE * std(E) * N(0, I)."""
+def initial_embeddings(table: Tensor, classes: Tensor, rng: torch.Generator, init_noise: float) -> Tensor:
+    """One start per row of `classes`: E[c] + init_noise * std(E) * N(0, I)."""
     noise = torch.randn((len(classes), table.shape[1]), generator=rng).to(table.device)
-    return table[classes.to(table.device)] + EMBEDDING_INIT_NOISE * table.std() * noise
+    return table[classes.to(table.device)] + init_noise * table.std() * noise
 
 
 def judge_log_prob(judge: Judge, images: Tensor, classes: Tensor, params: Params) -> Tensor:
@@ -241,7 +238,7 @@ def embedding_search(version_dir: Path, judge_dir: Path, forget_classes: list[in
     null_embedding = table[version.card.null_class]
     targets = torch.tensor(forget_classes).repeat_interleave(budget.restarts).to(device)
     z = torch.randn((len(targets) * budget.samples_per_restart, *version.sample_shape), generator=rng).to(device)
-    start = initial_embeddings(table, targets, rng)
+    start = initial_embeddings(table, targets, rng, budget.init_noise)
     found = search_embeddings(version, judge, start, null_embedding, targets, z, params, progress)
 
     cond = EmbeddingConditioning(torch.cat([found, null_embedding[None]]), null=len(found))
@@ -251,7 +248,7 @@ def embedding_search(version_dir: Path, judge_dir: Path, forget_classes: list[in
     wanted = targets.cpu()[ids]
     probs = judge.predict_proba(images)
     judged = (probs.argmax(dim=1) == wanted).float()
-    confident = (probs.gather(1, wanted.view(-1, 1)).squeeze(1) >= CONFIDENT_PROBABILITY).float()
+    confident = (probs.gather(1, wanted.view(-1, 1)).squeeze(1) >= budget.confident_probability).float()
     hits = int((judged.view(len(found), budget.samples_per_restart).mean(dim=1) > 0.5).sum())
     return rate_record(hits, len(found), sample_rate=judged.mean().item(),
                        confident_sample_rate=confident.mean().item(), seconds=time.perf_counter() - began)
