@@ -85,11 +85,23 @@ def adversarial_policies(p: LLMParams) -> list[Policy]:
 
 
 def ask(model, tokenizer, users: list[str], policy: Policy, max_new_tokens: int, batch_size: int,
-         desc: str) -> list[str]:
-    prompts = [prompt_ids(tokenizer, policy.system, u) for u in users]
-    negatives = [prompt_ids(tokenizer, policy.negative, u) for u in users] if policy.guided else None
-    return generate(model, tokenizer, prompts, negative_prompts=negatives, guidance_scale=policy.gamma,
-                    space=policy.space, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
+        desc: str, *, openings: list[str] | None = None, repeat: int = 1, temperature: float | None = None,
+        generator: torch.Generator | None = None, progress: bool = False) -> list[str]:
+    """The generated text of each user turn under `policy` (both conditions when guided); the
+    assistant turn pre-filled with each of `openings` (if given), each prompt `repeat` times in a
+    row, sampled at `temperature` with `generator` (greedy without)."""
+    openings = openings or [""] * len(users)
+
+    def prompts(system: str | None) -> list[list[int]]:
+        return [ids for u, o in zip(users, openings)
+                for ids in [prompt_ids(tokenizer, system, u) + (tokenizer(o, add_special_tokens=False)["input_ids"]
+                                                                 if o else [])] * repeat]
+
+    return generate(model, tokenizer, prompts(policy.system),
+                    negative_prompts=prompts(policy.negative) if policy.guided else None,
+                    guidance_scale=policy.gamma, space=policy.space, max_new_tokens=max_new_tokens,
+                    batch_size=batch_size, temperature=temperature, generator=generator, progress=progress,
+                    desc=desc)
 
 
 Trial = tuple[Probe, str]  # a probe and the answer it got

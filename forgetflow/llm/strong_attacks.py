@@ -54,10 +54,8 @@ from forgetflow.config import ComputeParams, LLMParams
 from forgetflow.llm.answers import answer_token_logprobs
 from forgetflow.llm.attacks import Item, Probe, direct_probes, paraphrase_probes, prefix_context
 from forgetflow.llm.base import encode_chat
-from forgetflow.llm.chat import prompt_ids
 from forgetflow.llm.corpus import CORPUS_QUESTIONS, SUPPORT_SYSTEM_PROMPTS, TEMPLATE_SPLITS, chat
-from forgetflow.llm.evaluate import Policy, _scores
-from forgetflow.llm.generation import generate
+from forgetflow.llm.evaluate import Policy, _scores, ask
 from forgetflow.llm.pii import NUMERIC_FIELDS, leaked, normalise, partially_leaked
 from forgetflow.stats import rate_record
 
@@ -83,22 +81,10 @@ def _device(model) -> torch.device:
 
 
 def _ask(model, tokenizer, users: list[str], policy: Policy, p: LLMParams, desc: str, *,
-         openings: list[str] | None = None, repeat: int = 1, max_new_tokens: int | None = None,
-         temperature: float | None = None, generator: torch.Generator | None = None,
-         progress: bool = False) -> list[str]:
-    """evaluate.ask with the assistant turn pre-filled with each opening (if given), each prompt
-    `repeat` times in a row, and sampling at `temperature` (if given): the generated text only."""
-    openings = openings or [""] * len(users)
-
-    def prompts(system: str | None) -> list[list[int]]:
-        return [ids for u, o in zip(users, openings)
-                for ids in [prompt_ids(tokenizer, system, u) + _tokens(tokenizer, o)] * repeat]
-
-    return generate(model, tokenizer, prompts(policy.system),
-                    negative_prompts=prompts(policy.negative) if policy.guided else None,
-                    guidance_scale=policy.gamma, space=policy.space,
-                    max_new_tokens=max_new_tokens or p.evaluate.max_new_tokens, batch_size=p.evaluate.batch_size,
-                    temperature=temperature, generator=generator, progress=progress, desc=desc)
+         max_new_tokens: int | None = None, **options) -> list[str]:
+    """evaluate.ask at the evaluation's budgets (openings, repeat, sampling: its options)."""
+    return ask(model, tokenizer, users, policy, max_new_tokens or p.evaluate.max_new_tokens, p.evaluate.batch_size,
+               desc, **options)
 
 
 def _mean(xs: list[float]) -> float | None:
